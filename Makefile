@@ -1,0 +1,38 @@
+# Two set-up commands (README): `make serve` and `make test`. Both build .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+MODEL  := service/models/flaircad-demo.onnx
+
+.PHONY: venv serve test model bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The exact torch pin resolves to the local CPU wheel here; the train extra then accepts it.
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[train,dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/flaircad serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+model: $(STAMP)
+	$(PY) -m model_export.train --phantoms 240 --config demo --out runs/demo
+	$(PY) -m model_export.export runs/demo/model.pt --out $(MODEL)
+
+bench: $(STAMP)
+	$(PY) bench/model_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
