@@ -1,0 +1,345 @@
+"""Train the attention classifier with per-patient splits, and write a checkpoint + metrics.
+
+    python -m model_export.train --phantoms 240 --config demo --out runs/demo
+    python -m model_export.train --index cohort.csv --config paper --folds 5 --out runs/paper
+
+Each fold trains on its training patients, early-stops on validation balanced accuracy and is
+scored on its held-out test patients. ``model.pt`` is the fold whose validation score was best
+(never chosen by test score); ``metrics.json`` holds every fold and mean ± sd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model_export.data import Sample, make_splits, phantom_cohort, read_index
+from model_export.losses import attention_prior_kl, focal_loss
+from model_export.metrics import binary_metrics, cam_peak_hits, summarise
+from model_export.model import (
+    AttentionClassifier,
+    ExplainedClassifier,
+    ModelConfig,
+    centre_ring_prior,
+    load_pretrained_backbone,
+)
+from model_export.phantoms import CLASS_NAMES
+from service.preprocess import PreprocessingConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    patience: int = 10
+    lr: float = 5e-4
+    batch_size: int = 2
+    focal_alpha: float = 0.5
+    focal_gamma: float = 2.0
+    kl_weight: float = 0.05
+    augment: bool = True
+    flips: bool = False
+    seed: int = 0
+
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "paper": (ModelConfig(), TrainConfig()),
+    # Small enough to train on 2 CPU cores in minutes and ship in the repository (< 1 MB).
+    "demo": (
+        ModelConfig(depth=18, base_width=8, output_stage=3),
+        TrainConfig(epochs=14, patience=5, batch_size=2, flips=True),
+    ),
+    # For tests: seconds per epoch.
+    "tiny": (
+        ModelConfig(depth=18, base_width=4, output_stage=2, attention_hidden=16,
+                    instance_hidden=16),
+        TrainConfig(epochs=2, patience=2, batch_size=2),
+    ),
+}
+
+CAM_RADIUS_PX = 8  # dilation of the lesion mask for the localisation score, model-grid pixels
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def augment(volumes: Tensor, generator: torch.Generator, flips: bool) -> Tensor:
+    """The paper's augmentations on (B, S, 1, H, W) in [0, 1]: a random smooth multiplicative
+    bias field and a random contrast gamma; optionally a left–right flip."""
+    batch = volumes.shape[0]
+    coarse = torch.randn((batch, 1, 3, 3, 3), generator=generator) * 0.15
+    field = F.interpolate(coarse, size=volumes.shape[1:2] + volumes.shape[3:],
+                          mode="trilinear", align_corners=True)
+    out = volumes * torch.exp(field).permute(0, 2, 1, 3, 4)
+    gamma = torch.exp(torch.empty(batch, generator=generator).uniform_(-0.35, 0.35))
+    peak = out.flatten(1).amax(1).clamp_min(1e-6).view(batch, 1, 1, 1, 1)
+    out = (out / peak).clamp(0, 1) ** gamma.view(batch, 1, 1, 1, 1)
+    if flips:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        out = torch.where(flip.view(batch, 1, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def batches(indices: list[int], size: int, rng: np.random.Generator | None) -> list[list[int]]:
+    order = list(indices)
+    if rng is not None:
+        rng.shuffle(order)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def stack(samples: list[Sample], indices: list[int]) -> Tensor:
+    """(B, S, 1, H, W); all samples share the model grid."""
+    return torch.from_numpy(np.stack([samples[i].volume for i in indices]))[:, :, None]
+
+
+@torch.no_grad()
+def predict(model: AttentionClassifier, samples: list[Sample], indices: list[int],
+            device: torch.device) -> np.ndarray:
+    model.eval()
+    probs = [
+        torch.softmax(model(stack(samples, chunk).to(device)).logits, -1).cpu().numpy()
+        for chunk in batches(indices, 4, None)
+    ]
+    return np.concatenate(probs) if probs else np.zeros((0, 2))
+
+
+def localisation(model: AttentionClassifier, samples: list[Sample], indices: list[int],
+                 device: torch.device) -> dict[str, float | int]:
+    """Share of lesion slices whose Grad-CAM peak (predicted class) lies in the lesion mask
+    dilated by CAM_RADIUS_PX, on the model grid."""
+    explained = ExplainedClassifier(model).eval()
+    hits = total = 0
+    with torch.no_grad():
+        for i in indices:
+            mask = samples[i].lesion_mask
+            if mask is None:
+                continue
+            volume = stack(samples, [i]).to(device)
+            cam = explained(volume, torch.tensor([-1], device=device)).gradcam
+            cam = F.interpolate(cam, size=volume.shape[-2:], mode="bilinear",
+                                align_corners=False)[0].cpu().numpy()
+            h, n = cam_peak_hits(cam, mask >= 0.5, CAM_RADIUS_PX)
+            hits, total = hits + h, total + n
+    return {"cam_peak_in_lesion": hits / total if total else float("nan"),
+            "cam_lesion_slices": total, "cam_radius_px": CAM_RADIUS_PX}
+
+
+def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int],
+               model_config: ModelConfig, cfg: TrainConfig, device: torch.device,
+               pretrained: Path | None, label: str) -> tuple[AttentionClassifier, dict[str, Any]]:
+    seed_everything(cfg.seed)
+    model = AttentionClassifier(model_config)
+    if pretrained is not None:
+        report = load_pretrained_backbone(model, pretrained)
+        print(f"[{label}] pretrained: {len(report.loaded)} loaded, missing {report.missing}, "
+              f"unexpected {report.unexpected}, mismatched {report.mismatched}", file=sys.stderr)
+    model.to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    prior: Tensor | None = None
+    valid_labels = np.array([samples[i].label for i in valid_idx])
+
+    best: tuple[float, float, float] = (-math.inf, -math.inf, -math.inf)
+    best_state: dict[str, Tensor] = {}
+    history, stale = [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, steps = 0.0, 0
+        bar = tqdm(batches(train_idx, cfg.batch_size, rng), desc=f"[{label}] epoch {epoch}",
+                   leave=False, disable=None)
+        for chunk in bar:
+            volumes = stack(samples, chunk)
+            if cfg.augment:
+                volumes = augment(volumes, generator, cfg.flips)
+            labels = torch.tensor([samples[i].label for i in chunk], device=device)
+            out = model(volumes.to(device))
+            loss = focal_loss(out.logits, labels, cfg.focal_alpha, cfg.focal_gamma)
+            if cfg.kl_weight and model_config.spatial_attention:
+                if prior is None:
+                    prior = centre_ring_prior(*out.spatial_attention.shape[-2:]).to(device)
+                loss = loss + cfg.kl_weight * attention_prior_kl(out.spatial_attention, prior)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total, steps = total + float(loss), steps + 1
+            bar.set_postfix(loss=f"{total / steps:.4f}")
+        probs = predict(model, samples, valid_idx, device)
+        valid = binary_metrics(probs, valid_labels, CLASS_NAMES)
+        eps = 1e-7
+        valid_loss = float(-np.log(probs[np.arange(len(valid_labels)), valid_labels] + eps).mean())
+        history.append({"epoch": epoch, "train_loss": total / max(steps, 1),
+                        "valid_balanced_accuracy": valid.balanced_accuracy,
+                        "valid_auc": valid.auc, "valid_nll": valid_loss})
+        print(f"[{label}] epoch {epoch}: loss {total / max(steps, 1):.4f} valid BA "
+              f"{valid.balanced_accuracy:.3f} AUC {valid.auc:.3f} NLL {valid_loss:.4f}",
+              file=sys.stderr)
+        # Balanced accuracy decides (the paper's criterion); AUC and NLL break its many ties.
+        score = (valid.balanced_accuracy, valid.auc, -valid_loss)
+        if score > best:
+            best, stale = score, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    return model.cpu(), {"history": history, "best_valid": {
+        "balanced_accuracy": best[0], "auc": best[1], "nll": -best[2]}}
+
+
+def run(samples: list[Sample], model_config: ModelConfig, cfg: TrainConfig, folds: int,
+        out_dir: Path, preprocessing: PreprocessingConfig, device: torch.device,
+        pretrained: Path | None = None, cohort: dict[str, Any] | None = None) -> dict[str, Any]:
+    labels = [s.label for s in samples]
+    splits = make_splits(labels, [s.patient_id for s in samples], folds, cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fold_reports: list[dict[str, Any]] = []
+    best_fold, best_state, best_score = -1, None, (-math.inf,) * 3
+    for i, split in enumerate(splits):
+        model, report = train_fold(samples, split.train, split.valid, model_config, cfg,
+                                   device, pretrained, f"fold {i}")
+        probs = predict(model, samples, split.test, torch.device("cpu"))
+        test = binary_metrics(probs, [labels[j] for j in split.test], CLASS_NAMES).to_dict()
+        test.update(localisation(model, samples, split.test, torch.device("cpu")))
+        fold_reports.append({"fold": i, "n_train": len(split.train), "n_valid": len(split.valid),
+                             "test": test, **report})
+        print(f"[fold {i}] test: {json.dumps(test)}", file=sys.stderr)
+        score = tuple(report["best_valid"].values())
+        if score > best_score:
+            best_fold, best_state, best_score = i, model.state_dict(), score
+
+    numeric = [{k: v for k, v in f["test"].items() if isinstance(v, int | float)}
+               for f in fold_reports]
+    summary = {
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[0],
+        "split": "stratified group k-fold by patient" if folds > 1
+        else "one stratified split by patient, 60/20/20",
+        "folds": folds,
+        "n_volumes": len(samples),
+        "n_patients": len({s.patient_id for s in samples}),
+        "selected_fold": best_fold,
+        "test_mean_sd": summarise(numeric),
+        "per_fold": fold_reports,
+        "cohort": cohort or {},
+        "model": model_config.to_dict(),
+        "training": cfg.__dict__,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    checkpoint = {
+        "format": "flaircad-checkpoint/1",
+        "model_config": model_config.to_dict(),
+        "state_dict": best_state,
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": preprocessing.to_json(),
+        "training_summary": {
+            "selected_fold": best_fold,
+            "test": fold_reports[best_fold]["test"],
+            "test_mean_sd": summary["test_mean_sd"],
+            "split": summary["split"],
+            "n_patients": summary["n_patients"],
+            "data": (cohort or {}).get("kind", "unknown"),
+        },
+    }
+    torch.save(checkpoint, out_dir / "model.pt")
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model_export.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", type=Path, help="CSV with columns path,label,patient_id")
+    source.add_argument("--phantoms", type=int, metavar="N", help="generate N phantoms")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", choices=sorted(PRESETS), default="paper")
+    p.add_argument("--folds", type=int, default=None,
+                   help="k for group k-fold (≥3), or 1 for one 60/20/20 split")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--depth", type=int, choices=(18, 34, 50))
+    p.add_argument("--width", type=int, help="base width of the ResNet (64 = standard)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="last ResNet stage used")
+    p.add_argument("--no-spatial-attention", action="store_true", help="mean-pool positions")
+    p.add_argument("--no-instance-attention", action="store_true", help="mean-pool slices")
+    p.add_argument("--head-hidden", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--kl-weight", type=float)
+    p.add_argument("--pretrained", type=Path, help="local torchvision/timm ResNet state dict")
+    p.add_argument("--target-shape", type=int, nargs=3, metavar=("H", "W", "S"))
+    p.add_argument("--robust-percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("FLAIRCAD_THREADS", "2")))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_config, cfg = PRESETS[args.config]
+    model_overrides = {
+        "depth": args.depth, "base_width": args.width, "output_stage": args.stage,
+        "head_hidden": args.head_hidden, "temperature": args.temperature,
+    }
+    model_config = replace(model_config, **{k: v for k, v in model_overrides.items()
+                                            if v is not None})
+    if args.no_spatial_attention:
+        model_config = replace(model_config, spatial_attention=False)
+    if args.no_instance_attention:
+        model_config = replace(model_config, instance_attention=False)
+    train_overrides = {"epochs": args.epochs, "patience": args.patience, "lr": args.lr,
+                       "batch_size": args.batch_size, "seed": args.seed,
+                       "kl_weight": args.kl_weight}
+    cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if v is not None})
+    if args.no_augment:
+        cfg = replace(cfg, augment=False)
+
+    preprocessing = PreprocessingConfig()
+    if args.target_shape:
+        preprocessing = replace(preprocessing, target_shape=tuple(args.target_shape))
+    if args.robust_percentiles:
+        preprocessing = replace(preprocessing, intensity={
+            "method": "minmax", "percentiles": list(args.robust_percentiles)})
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if args.phantoms:
+        samples = phantom_cohort(args.phantoms, preprocessing, seed=cfg.seed,
+                                 workers=args.threads)
+        cohort = {"kind": "synthetic FLAIR phantoms (model_export.phantoms)",
+                  "n": args.phantoms, "seed": cfg.seed}
+    else:
+        samples = read_index(args.index, preprocessing)
+        digest = hashlib.sha256(args.index.read_bytes()).hexdigest()
+        cohort = {"kind": f"index {args.index.name}", "index_sha256": digest}
+    folds = args.folds if args.folds is not None else (1 if args.phantoms else 5)
+    summary = run(samples, model_config, cfg, folds, args.out, preprocessing, device,
+                  args.pretrained, cohort)
+    print(json.dumps(summary["test_mean_sd"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

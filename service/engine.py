@@ -1,0 +1,111 @@
+"""The one onnxruntime session, and the model contract read from its metadata.
+
+Class names and preprocessing come from the model file, never from constants here. The provider
+in use is read back from the session: onnxruntime-gpu lists CUDA as available on machines
+without a usable GPU and silently falls back to CPU, so "asked for" is not "got".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from service.preprocess import PreprocessingConfig
+
+log = logging.getLogger(__name__)
+
+REQUIRED_METADATA = ("class_names", "preprocessing", "model_version", "architecture",
+                     "training_summary", "intended_use", "source_checkpoint_sha256")
+OUTPUT_NAMES = ("probabilities", "logits", "slice_weights", "spatial_attention", "gradcam")
+
+
+class ModelContractError(ValueError):
+    """The ONNX file does not carry the inputs, outputs or metadata flaircad relies on."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    preprocessing: PreprocessingConfig
+    architecture: dict[str, Any]
+    training_summary: dict[str, Any]
+    intended_use: str
+    source_checkpoint_sha256: str
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], fallback_name: str) -> ModelInfo:
+        missing = [key for key in REQUIRED_METADATA if key not in metadata]
+        if missing:
+            raise ModelContractError(f"model metadata lacks {missing}")
+        try:
+            return cls(
+                name=metadata.get("name", fallback_name),
+                version=metadata["model_version"],
+                class_names=tuple(json.loads(metadata["class_names"])),
+                preprocessing=PreprocessingConfig.from_json(metadata["preprocessing"]),
+                architecture=json.loads(metadata["architecture"]),
+                training_summary=json.loads(metadata["training_summary"]),
+                intended_use=metadata["intended_use"],
+                source_checkpoint_sha256=metadata["source_checkpoint_sha256"],
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelContractError(f"model metadata does not parse: {error}") from error
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    probabilities: npt.NDArray[np.float32]  # (B, K)
+    logits: npt.NDArray[np.float32]
+    slice_weights: npt.NDArray[np.float32]  # (B, S)
+    spatial_attention: npt.NDArray[np.float32]  # (B, S, h, w)
+    gradcam: npt.NDArray[np.float32]  # (B, S, h, w)
+
+
+class Engine:
+    """Loads the model once; ``run`` is one onnxruntime call for probabilities and Grad-CAM."""
+
+    def __init__(self, model_path: Path, providers: list[str] | tuple[str, ...]):
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from pip wheels (e.g. torch's) become visible to onnxruntime
+                ort.preload_dlls()
+            except Exception as error:
+                log.info("no CUDA libraries preloaded: %s", error)
+        available = set(ort.get_available_providers())
+        requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), providers=requested)
+        self.requested_providers = tuple(requested)
+        self.providers = tuple(self.session.get_providers())
+        self.provider = self.providers[0]
+        if requested[0] != self.provider:
+            log.warning("asked for %s, onnxruntime runs on %s", requested[0], self.provider)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, fallback_name=Path(model_path).stem)
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if inputs != {"volume", "target_class"} or not set(OUTPUT_NAMES) <= outputs:
+            raise ModelContractError(f"unexpected model signature: {inputs} -> {outputs}")
+        log.info("model %s %s on %s", self.info.name, self.info.version, self.provider)
+
+    def run(self, volumes: npt.NDArray[np.float32],
+            target_class: npt.NDArray[np.int64] | None = None) -> EngineOutput:
+        """``volumes`` (B, S, H, W) or (B, S, 1, H, W) on the model grid, in [0, 1]."""
+        if volumes.ndim == 4:
+            volumes = volumes[:, :, None]
+        if target_class is None:
+            target_class = np.full(volumes.shape[0], -1, dtype=np.int64)
+        feeds = {"volume": np.ascontiguousarray(volumes, dtype=np.float32),
+                 "target_class": np.asarray(target_class, dtype=np.int64)}
+        return EngineOutput(*self.session.run(list(OUTPUT_NAMES), feeds))
+
+    def warm_up(self) -> None:
+        slices, height, width = self.info.preprocessing.model_grid
+        self.run(np.zeros((1, slices, height, width), dtype=np.float32))
