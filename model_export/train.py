@@ -88,7 +88,7 @@ def augment(volumes: Tensor, generator: torch.Generator, flips: bool) -> Tensor:
     field = F.interpolate(coarse, size=volumes.shape[1:2] + volumes.shape[3:],
                           mode="trilinear", align_corners=True)
     out = volumes * torch.exp(field).permute(0, 2, 1, 3, 4)
-    gamma = torch.exp(torch.empty(batch, generator=generator).uniform_(-0.35, 0.35))
+    gamma = torch.exp((torch.rand(batch, generator=generator) - 0.5) * 0.7)
     peak = out.flatten(1).amax(1).clamp_min(1e-6).view(batch, 1, 1, 1, 1)
     out = (out / peak).clamp(0, 1) ** gamma.view(batch, 1, 1, 1, 1)
     if flips:
@@ -179,7 +179,7 @@ def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int]
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
         probs = predict(model, samples, valid_idx, device)
         valid = binary_metrics(probs, valid_labels, CLASS_NAMES)
