@@ -407,12 +407,16 @@ def load_pretrained_backbone(
 
     The RGB stem is summed over its input channels into our one-channel stem. Classifier and
     other non-backbone entries are reported as unexpected; shape mismatches are reported and
-    skipped rather than half-loaded.
+    skipped rather than half-loaded. A file from ``model_export.pretrain`` also carries the
+    spatial-attention weights (key ``spatial_attention``), loaded when the model has one.
     """
+    attention_state: dict[str, Tensor] | None = None
     if isinstance(source, Mapping):
         state = dict(source)
     else:
         state = torch.load(Path(source), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("spatial_attention"), dict):
+            attention_state = state["spatial_attention"]  # written by model_export.pretrain
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
@@ -434,8 +438,12 @@ def load_pretrained_backbone(
             else:
                 mismatched.append(key)
     model.backbone.load_state_dict(loadable, strict=False)
+    loaded = sorted(loadable)
+    if attention_state is not None and model.spatial is not None:
+        model.spatial.load_state_dict(attention_state)
+        loaded += sorted(f"spatial.{key}" for key in attention_state)
     return PretrainedReport(
-        loaded=sorted(loadable),
+        loaded=loaded,
         missing=sorted(set(own) - set(loadable) - set(mismatched)),
         unexpected=sorted(set(cleaned) - set(own)),
         mismatched=sorted(mismatched),

@@ -148,6 +148,14 @@ class Contrast:
     gain: float
 
 
+# Radiological descriptors of lesion voxels (index = value in PhantomVolume.lesion_sites).
+# They describe where and what a lesion is, as a reader would annotate it, not the diagnosis.
+LESION_SITES: tuple[str, ...] = (
+    "none", "periventricular-band", "periventricular", "juxtacortical", "infratentorial",
+    "callosal", "deep", "pontine", "lacune",
+)
+
+
 @dataclass(frozen=True, eq=False)
 class Lesion:
     """One hyperintense ovoid, or a lacune: a CSF-filled cavity whose gliotic rim is bright."""
@@ -947,13 +955,14 @@ def _ventricle_box(a: Anatomy, side: int, margin: float) -> tuple[F64Array, F64A
 
 def _paint_ventricles_and_lesions(
     a: Anatomy, grid: _Blocks, img: Any, d_brain: Any
-) -> Any:
+) -> tuple[Any, Any]:
     """Lateral ventricles, then lesions (only in parenchyma), then lacune cavities; returns the
-    lesion mask on the active blocks."""
+    lesion mask and the lesion-site index (LESION_SITES) on the active blocks."""
     c = a.contrast
     x, y, z = grid.x, grid.y, grid.z
     lesion = np.zeros_like(img)
     mask = np.zeros(img.shape, dtype=bool)
+    sites = np.zeros(img.shape, dtype=np.int8)
     cavity = np.zeros_like(img)
     touched: list[Any] = []
     bands = {b.side: b for b in a.bands}
@@ -968,7 +977,9 @@ def _paint_ventricles_and_lesions(
         if band is not None:
             thick = band.thickness(t, pu, zs)
             lesion[idx] = np.maximum(lesion[idx], band.strength * _soft(d - thick))
-            mask[idx] |= (d > 0) & (d < thick)
+            inside = (d > 0) & (d < thick)
+            mask[idx] |= inside
+            sites[idx] = np.where(inside, LESION_SITES.index("periventricular-band"), sites[idx])
             touched.append(idx)
     for les in a.lesions:
         reach = les.radii + les.rim_mm + 1.0
@@ -985,12 +996,14 @@ def _paint_ventricles_and_lesions(
         h = dx * ax[0][2] + dy * ax[1][2] + dz * ax[2][2]
         d = _ellipsoid(u, w, h, (0.0, 0.0, 0.0), les.radii)
         lesion[idx] = np.maximum(lesion[idx], les.strength * _soft(d - les.rim_mm))
-        mask[idx] |= d < les.rim_mm
+        inside = d < les.rim_mm
+        mask[idx] |= inside
+        sites[idx] = np.where(inside, LESION_SITES.index(les.site), sites[idx])
         if les.kind == "lacune":
             cavity[idx] = np.maximum(cavity[idx], _soft(d, 0.8))
         touched.append(idx)
     if not touched:
-        return mask
+        return mask, sites
     idx = np.unique(np.concatenate(touched))
     # lesions replace parenchyma only: not the ventricles, sulci or anything outside the brain
     low, high = c.csf + 0.35 * (c.wm - c.csf), c.csf + 0.75 * (c.wm - c.csf)
@@ -1000,7 +1013,8 @@ def _paint_ventricles_and_lesions(
     cav = cavity[idx] * _soft(d_brain[idx])
     img[idx] = _paint(sub, c.csf * 1.3, cav)
     mask[idx] = (mask[idx] & (parenchyma > 0.5)) | (cav > 0.5)
-    return mask
+    sites[~mask] = 0
+    return mask, sites
 
 
 def _bias(a: Anatomy, x: Any, y: Any, z: Any) -> Any:
@@ -1014,6 +1028,15 @@ def _bias(a: Anatomy, x: Any, y: Any, z: Any) -> Any:
 def render(
     anatomy: Anatomy, points_lps: npt.ArrayLike, rng: np.random.Generator | None
 ) -> tuple[FloatArray, BoolArray]:
+    """FLAIR intensity and lesion mask at arbitrary LPS points (shape (..., 3)); see
+    :func:`render_with_sites`, which also returns each lesion voxel's site."""
+    image, mask, _ = render_with_sites(anatomy, points_lps, rng)
+    return image, mask
+
+
+def render_with_sites(
+    anatomy: Anatomy, points_lps: npt.ArrayLike, rng: np.random.Generator | None
+) -> tuple[FloatArray, BoolArray, npt.NDArray[np.int8]]:
     """FLAIR intensity and lesion mask at arbitrary LPS points (shape (..., 3)).
 
     Without ``rng`` the image is the noiseless, bias-free signal (still with the scanner gain);
@@ -1025,13 +1048,15 @@ def render(
     out_shape = pts.shape[:-1]
     flat = pts.reshape(-1, 3)
     if flat.shape[0] == 0:
-        return np.zeros(out_shape, np.float32), np.zeros(out_shape, bool)
+        return np.zeros(out_shape, np.float32), np.zeros(out_shape, bool), np.zeros(
+            out_shape, np.int8)
     grid = _Grid(anatomy, flat)
     image = np.zeros((grid.nb, _BLOCK), dtype=np.float32)
     mask = np.zeros((grid.nb, _BLOCK), dtype=bool)
+    sites = np.zeros((grid.nb, _BLOCK), dtype=np.int8)
     for idx, blocks in grid.chunks(_CHUNK):
         img, d_brain = _paint_anatomy(anatomy, blocks)
-        mask[idx] = _paint_ventricles_and_lesions(anatomy, blocks, img, d_brain)
+        mask[idx], sites[idx] = _paint_ventricles_and_lesions(anatomy, blocks, img, d_brain)
         image[idx] = img
     image *= _F(anatomy.contrast.gain)
     if rng is not None:
@@ -1042,7 +1067,8 @@ def render(
         image = np.sqrt(image * image + noise[1] * noise[1])
     n = grid.n
     return (image.reshape(-1)[:n].reshape(out_shape).astype(np.float32, copy=False),
-            mask.reshape(-1)[:n].reshape(out_shape))
+            mask.reshape(-1)[:n].reshape(out_shape),
+            sites.reshape(-1)[:n].reshape(out_shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1059,6 +1085,9 @@ class PhantomVolume:
     label: str
     affine: F64Array  # 4x4: (axis0, axis1, axis2) voxel index -> LPS mm
     seed: int
+    # LESION_SITES index of every lesion voxel (0 elsewhere): the descriptor map a reader's
+    # annotation would give, used only to pretrain the backbone (model_export.pretrain)
+    lesion_sites: npt.NDArray[np.int8] | None = None
 
 
 @dataclass(frozen=True)
@@ -1136,13 +1165,15 @@ def generate_phantom(
         raise ValueError("slices, matrix, slice thickness and pixel size must be positive")
     anatomy = make_anatomy(label, seed)
     geometry = _axial_geometry(anatomy, slices, matrix, slice_thickness_mm, pixel_mm)
-    volume, mask = render(anatomy, geometry.points(), _noise_rng(label, seed, "axial"))
+    volume, mask, sites = render_with_sites(anatomy, geometry.points(),
+                                            _noise_rng(label, seed, "axial"))
     affine = np.eye(4)
     affine[:3, 0] = geometry.normal * geometry.spacing
     affine[:3, 1] = geometry.col_dir * geometry.pixel
     affine[:3, 2] = geometry.row_dir * geometry.pixel
     affine[:3, 3] = geometry.positions[0]
-    return PhantomVolume(volume=volume, lesion_mask=mask, label=label, affine=affine, seed=seed)
+    return PhantomVolume(volume=volume, lesion_mask=mask, label=label, affine=affine, seed=seed,
+                         lesion_sites=sites)
 
 
 def lesion_slices(p: PhantomVolume) -> npt.NDArray[np.bool_]:
