@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 MODEL  := service/models/flaircad-demo.onnx
+# The demo's PyTorch checkpoint ships too, so the tests can re-verify ONNX against it.
+CHECKPOINT := model_export/checkpoints/flaircad-demo.pt
 
 .PHONY: venv serve test model bench lint clean
 
@@ -27,9 +29,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Deterministic on 2 CPU cores: pretrain the backbone on lesion sites, train, export (verified).
 model: $(STAMP)
-	$(PY) -m model_export.train --phantoms 240 --config demo --out runs/demo
+	$(PY) -m model_export.pretrain --phantoms 96 --epochs 5 --config demo --out runs/demo/backbone.pth
+	$(PY) -m model_export.train --phantoms 480 --config demo --folds 1 \
+		--pretrained runs/demo/backbone.pth --out runs/demo
 	$(PY) -m model_export.export runs/demo/model.pt --out $(MODEL)
+	cp runs/demo/model.pt $(CHECKPOINT)
+	cp runs/demo/metrics.json docs/demo-model-metrics.json
 
 bench: $(STAMP)
 	$(PY) bench/model_speed.py

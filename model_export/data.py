@@ -16,7 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from model_export.phantoms import CLASS_NAMES, generate_phantom
-from service.preprocess import PreprocessingConfig, preprocess, resize_area
+from service.preprocess import (
+    PreprocessingConfig,
+    preprocess,
+    reorient_to_canonical,
+    resize_area,
+)
 
 # NIfTI stores RAS; DICOM and our affines are LPS.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -92,8 +97,6 @@ def preprocess_mask_canonical(
     mask: npt.NDArray[np.bool_], affine: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float32]:
     """A mask through the same reorientation as its volume (no intensity scaling)."""
-    from service.preprocess import reorient_to_canonical
-
     return reorient_to_canonical(mask.astype(np.float32), affine).array
 
 

@@ -14,14 +14,12 @@ def _phantom(args: argparse.Namespace) -> int:
     # Imported here so that `flaircad --help` and the service never pay for (or need) it.
     from model_export.phantoms import write_dicom_series
 
-    files = write_dicom_series(
-        args.label,
-        args.seed,
-        args.out,
-        variant=args.variant,
-        slices=args.slices,
-        compress=args.compress,
-    )
+    try:
+        files = write_dicom_series(args.label, args.seed, args.out, variant=args.variant,
+                                   slices=args.slices, compress=args.compress)
+    except ValueError as error:  # e.g. a codec pydicom cannot encode here
+        print(f"flaircad phantom: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"label": args.label, "seed": args.seed, "variant": args.variant,
                       "compress": args.compress, "n_instances": len(files),
                       "out": str(args.out)}))

@@ -1,0 +1,66 @@
+"""The bundled demo model: loads in onnxruntime, carries its contract, matches its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from model_export.export import verify
+from model_export.phantoms import generate_phantom
+from service.config import BUNDLED_MODEL
+from service.engine import Engine
+from service.preprocess import preprocess
+from tests.conftest import REPO
+
+CHECKPOINT = REPO / "model_export" / "checkpoints" / "flaircad-demo.pt"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    assert BUNDLED_MODEL.is_file(), "service/models/flaircad-demo.onnx is missing: run make model"
+    return Engine(BUNDLED_MODEL, ["CPUExecutionProvider"])
+
+
+def test_bundled_model_is_small_and_self_contained() -> None:
+    assert BUNDLED_MODEL.stat().st_size <= 20 * 2**20
+    proto = onnx.load(str(BUNDLED_MODEL), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert proto.opset_import[0].version >= 17
+
+
+def test_bundled_metadata_parses(engine: Engine) -> None:
+    info = engine.info
+    assert info.class_names == ("MS", "cSVD")
+    assert info.preprocessing.target_shape == (256, 256, 24)
+    assert info.preprocessing.orientation == "SPL"
+    assert "research use only" in info.intended_use
+    assert info.architecture["depth"] == 18
+    summary = info.training_summary
+    assert summary["test"]["auc"] >= 0.5 and "balanced_accuracy_chance_adjusted" in summary["test"]
+    assert summary["split"].endswith("by patient, 60/20/20")
+    assert len(info.source_checkpoint_sha256) == 64
+
+
+def test_bundled_model_runs_and_is_dynamic_in_batch_and_slices(engine: Engine) -> None:
+    phantom = generate_phantom("cSVD", 424_242)
+    volume = preprocess(phantom.volume, phantom.affine, engine.info.preprocessing).model_input
+    out = engine.run(np.stack([volume, volume[:20]])[:, :20])
+    assert out.probabilities.shape == (2, 2) and out.gradcam.shape[:2] == (2, 20)
+    np.testing.assert_allclose(out.probabilities.sum(1), 1.0, rtol=1e-5)
+    assert out.gradcam.max() > 0
+
+
+def test_bundled_model_matches_its_checkpoint_within_the_parity_bounds() -> None:
+    from model_export.export import load_checkpoint
+
+    meta = {p.key: p.value for p in onnx.load(str(BUNDLED_MODEL)).metadata_props}
+    assert hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() == meta["source_checkpoint_sha256"]
+    checkpoint = load_checkpoint(CHECKPOINT)
+    report = verify(BUNDLED_MODEL, checkpoint.model, checkpoint.preprocessing)
+    assert all(r["probabilities_max_abs_diff"] <= 1e-5 for r in report)
+    assert all(r["gradcam_correlation"] >= 0.9999 for r in report)
+    assert json.loads(meta["training_summary"]) == checkpoint.training_summary
