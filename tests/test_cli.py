@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
-FLAIRCAD = shutil.which("flaircad")
+# the console script installed beside this interpreter (make test does not put it on PATH)
+FLAIRCAD = Path(sys.executable).with_name("flaircad")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    assert FLAIRCAD, "the flaircad console script is not installed (pip install -e .)"
-    return subprocess.run([FLAIRCAD, *args], capture_output=True, text=True, timeout=120)
+    assert FLAIRCAD.is_file(), "the flaircad console script is not installed (pip install -e .)"
+    return subprocess.run([str(FLAIRCAD), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("command", [[], ["phantom"], ["serve"]])

@@ -83,7 +83,8 @@ def test_export_writes_a_verified_self_contained_model(trained: Path, tmp_path: 
     result = engine.run(volumes, np.array([-1, 1]))
     assert result.probabilities.shape == (2, 2)
     np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-5)
-    assert result.gradcam.shape == result.spatial_attention.shape == (2, 11, 16, 16)
+    grid = 64 // train.PRESETS["tiny"][0].feature_stride
+    assert result.gradcam.shape == result.spatial_attention.shape == (2, 11, grid, grid)
     np.testing.assert_allclose(result.slice_weights.sum(1), 1.0, rtol=1e-5)
 
 
