@@ -1199,19 +1199,6 @@ _PROTOCOLS: dict[str, dict[str, Any]] = {
         "SeriesNumber": 3,
         "SeriesTime": "101500",
     },
-    "oblique": {
-        "SeriesDescription": "AX T2 FLAIR OBL",
-        "ProtocolName": "AX T2 FLAIR OBL",
-        "SequenceName": "*tir2d1_16",
-        "MRAcquisitionType": "2D",
-        "RepetitionTime": "9000",
-        "EchoTime": "100",
-        "InversionTime": "2500",
-        "FlipAngle": "150",
-        "EchoTrainLength": 16,
-        "SeriesNumber": 4,
-        "SeriesTime": "102200",
-    },
     "sagittal": {
         "SeriesDescription": "SAG 3D FLAIR",
         "ProtocolName": "SAG 3D FLAIR",
@@ -1225,6 +1212,14 @@ _PROTOCOLS: dict[str, dict[str, Any]] = {
         "SeriesNumber": 5,
         "SeriesTime": "103000",
     },
+}
+# the oblique series is the axial protocol with a tilted slab
+_PROTOCOLS["oblique"] = {
+    **_PROTOCOLS["axial"],
+    "SeriesDescription": "AX T2 FLAIR OBL",
+    "ProtocolName": "AX T2 FLAIR OBL",
+    "SeriesNumber": 4,
+    "SeriesTime": "102200",
 }
 _DEFAULT_SLICES = {"axial": 24, "oblique": 24, "sagittal": 152}
 _STUDY_DATE, _STUDY_TIME = "20240115", "100000"
