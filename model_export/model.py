@@ -13,7 +13,6 @@ using only ordinary tensor ops; the tests check it against autograd in float64.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -459,6 +458,3 @@ def centre_ring_prior(height: int, width: int, radius: float = 0.35, sigma: floa
     ring = torch.exp(-((r - radius) ** 2) / (2 * sigma**2)) + 1e-3
     return (ring / ring.sum()).to(torch.float32)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())

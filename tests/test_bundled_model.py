@@ -12,7 +12,7 @@ import pytest
 from model_export.export import verify
 from model_export.phantoms import generate_phantom
 from service.config import BUNDLED_MODEL
-from service.engine import Engine
+from service.engine import Engine, ModelContractError
 from service.preprocess import preprocess
 from tests.conftest import REPO
 
@@ -64,3 +64,14 @@ def test_bundled_model_matches_its_checkpoint_within_the_parity_bounds() -> None
     assert all(r["probabilities_max_abs_diff"] <= 1e-5 for r in report)
     assert all(r["gradcam_correlation"] >= 0.9999 for r in report)
     assert json.loads(meta["training_summary"]) == checkpoint.training_summary
+
+
+def test_a_model_without_the_contract_metadata_is_refused(tmp_path) -> None:
+    proto = onnx.load(str(BUNDLED_MODEL))
+    kept = [p for p in proto.metadata_props if p.key != "preprocessing"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    stripped = tmp_path / "no-preprocessing.onnx"
+    onnx.save_model(proto, str(stripped))
+    with pytest.raises(ModelContractError, match="preprocessing"):
+        Engine(stripped, ["CPUExecutionProvider"])
