@@ -20,3 +20,13 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    flair_rules: Path | None = Field(
+        None,
+        description="FLAIR series-selection rules (JSON, schema in service/flair.py); default: "
+        "the packaged service/rules/flair.json",
+    )
+    accept_non_flair: bool = Field(
+        False,
+        description="research override: run series that no FLAIR rule matches instead of "
+        "refusing them (not_flair, HTTP 422)",
+    )
