@@ -41,12 +41,11 @@ class Sample:
 def load_volume(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
     """A NIfTI file or a folder of one DICOM series → (array, affine to LPS)."""
     if path.is_dir():
-        import highdicom
-        import pydicom
+        # The service's DICOM reader: one implementation, the same typed rejections.
+        from service.volume import load_series_volume
 
-        datasets = [pydicom.dcmread(f) for f in sorted(path.iterdir()) if f.is_file()]
-        volume = highdicom.get_volume_from_series(datasets, dtype=np.float32)
-        return np.asarray(volume.array, dtype=np.float32), np.asarray(volume.affine)
+        volume = load_series_volume(path)
+        return volume.array, volume.affine_lps
     import nibabel
 
     image = nibabel.load(path)

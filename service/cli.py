@@ -6,6 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the subcommands import what they need when they run
+    from service.flair import RuleSet
+    from service.volume import SeriesOutcome
 
 RESEARCH_NOTICE = "flaircad: RESEARCH USE ONLY, NOT FOR DIAGNOSIS."
 
@@ -40,6 +45,76 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_record(
+    outcome: SeriesOutcome, rules: RuleSet, nifti_dir: Path | None
+) -> dict[str, object]:
+    from service.volume import nifti_layout, orientation_code, to_nifti
+
+    info = outcome.info
+    match = rules.evaluate(info.attributes)
+    record: dict[str, object] = {
+        "series_instance_uid": info.series_instance_uid,
+        "series_description": info.series_description,
+        "modality": info.modality,
+        "is_flair": match.is_flair,
+        "flair_rule": match.rule,
+        "shape": None,
+        "spacing_mm": None,
+        "affine_ras": None,
+        "orientation": None,
+        "transfer_syntaxes": list(info.transfer_syntaxes),
+        "n_instances": info.n_instances,
+        "warnings": [str(w) for w in outcome.warnings],
+        "nifti_path": None,
+        "rejection": outcome.rejection.to_json() if outcome.rejection else None,
+    }
+    volume = outcome.volume
+    if volume is not None:
+        data, affine_ras = nifti_layout(volume)
+        record["shape"] = list(data.shape)
+        record["spacing_mm"] = [round(float(v), 6) for v in volume.spacing_mm[::-1]]
+        record["affine_ras"] = [[round(float(v), 6) for v in row] for row in affine_ras]
+        record["orientation"] = orientation_code(volume.affine_lps[:, [2, 1, 0, 3]])
+        if nifti_dir is not None:
+            import nibabel
+
+            path = nifti_dir / f"{info.series_instance_uid}.nii.gz"
+            nibabel.save(to_nifti(volume), path)
+            record["nifti_path"] = str(path)
+    return record
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from service.config import Settings
+    from service.flair import RulesError, load_rules
+    from service.volume import load_folder
+
+    folder: Path = args.series_dir
+    if not folder.is_dir():
+        print(f"flaircad inspect: {folder} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules(args.rules or Settings().flair_rules)
+    except (OSError, RulesError) as error:
+        print(f"flaircad inspect: FLAIR rules: {error}", file=sys.stderr)
+        return 2
+    if args.nifti_dir is not None:
+        try:
+            args.nifti_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"flaircad inspect: --nifti-dir: {error}", file=sys.stderr)
+            return 2
+    outcomes, skipped = load_folder(folder)
+    for skip in skipped:
+        print(f"flaircad inspect: skipped {skip}", file=sys.stderr)
+    for outcome in outcomes:
+        print(json.dumps(_inspect_record(outcome, rules, args.nifti_dir)), flush=True)
+    if not outcomes:
+        print(f"flaircad inspect: no DICOM image series in {folder}", file=sys.stderr)
+        return 3
+    return 3 if any(o.rejection is not None for o in outcomes) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaircad",
@@ -71,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--model", type=Path, help="ONNX model (default: the bundled demo)")
     serve.set_defaults(func=_serve)
+
+    inspect = commands.add_parser(
+        "inspect", help="read a DICOM folder: one JSON line per series, optional NIfTI",
+        description="Read every DICOM file under SERIES_DIR, group it into series and build each "
+        "series' 3D volume. Prints one JSON object per series (JSON Lines): series_instance_uid, "
+        "series_description, modality, is_flair, flair_rule, shape, spacing_mm, affine_ras, "
+        "orientation, transfer_syntaxes, n_instances, warnings, nifti_path and rejection "
+        "(null, or {code, message} when the series is not one 3D volume). shape, spacing_mm "
+        "and affine_ras describe the NIfTI array (i = image columns, j = rows, k = slices; "
+        "affine to RAS mm, as nibabel reads it). Skipped files are listed on stderr. "
+        "Exit status: 0 every series converted, 3 some series rejected (or none found), "
+        "2 usage error.",
+    )
+    inspect.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
+    inspect.add_argument("--nifti-dir", type=Path, default=None, metavar="DIR",
+                         help="write DIR/<SeriesInstanceUID>.nii.gz per converted series")
+    inspect.add_argument("--rules", type=Path, default=None, metavar="JSON",
+                         help="FLAIR selection rules (default: FLAIRCAD_FLAIR_RULES or the "
+                         "packaged service/rules/flair.json)")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

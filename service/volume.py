@@ -12,7 +12,9 @@ Pixels are decoded exactly once per frame, straight into the output array:
 * stored values → ``value * RescaleSlope + RescaleIntercept`` (per frame; float32 result);
 * pydicom masks bits above BitsStored and sign-extends signed data (12-bit MR is common);
 * MONOCHROME1 is inverted over the stored range, ``lo + hi - value``, so that high values are
-  bright as in MONOCHROME2 (warning ``monochrome1_inverted``); the model expects bright lesions.
+  bright as in MONOCHROME2 (warning ``monochrome1_inverted``); the model expects bright lesions;
+* a JPEG-family frame without its end marker is a decode failure: libjpeg would silently
+  return garbage for a truncated stream.
 
 The array is ``(slices, rows, columns)``: axis 0 runs along the slice normal (right-handed with
 the image rows/columns), axis 1 down the image rows, axis 2 along the columns, exactly as
@@ -35,6 +37,7 @@ import highdicom
 import numpy as np
 import numpy.typing as npt
 from highdicom.spatial import get_volume_positions
+from pydicom.encaps import generate_frames
 from pydicom.pixels import iter_pixels, pixel_array
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -227,6 +230,23 @@ def native_frame(ds: Any, rows: int, columns: int) -> npt.NDArray[Any] | None:
     return pixels.reshape(rows, columns)
 
 
+# JPEG, JPEG-LS, JPEG 2000 and HTJ2K streams all end with the 0xFFD9 marker (EOI / EOC).
+_JPEG_FAMILY = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 201, 202, 203)}
+
+
+def _check_complete_frames(ds: Any, frame_numbers: list[int]) -> None:
+    """libjpeg decodes a truncated JPEG-LS / lossless stream without an error, into garbage;
+    a missing end-of-image marker is how such a truncation shows, so it is a decode failure."""
+    if str(ds.file_meta.TransferSyntaxUID) not in _JPEG_FAMILY:
+        return
+    wanted = set(frame_numbers)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames), 1):
+        if number in wanted and not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ValueError(f"frame {number}: compressed stream has no end-of-image marker "
+                             "(truncated?)")
+
+
 def _decode_into(
     series: Series, frames: list[Frame], indices: list[int], out: FloatArray
 ) -> bool:
@@ -241,6 +261,7 @@ def _decode_into(
         invert = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
         inverted |= invert
         try:
+            _check_complete_frames(ds, [m[0].frame_number or 1 for m in members])
             if members[0][0].frame_number is None:
                 fast = native_frame(ds, out.shape[1], out.shape[2])
                 decoded: Iterable[Any] = [fast if fast is not None else pixel_array(ds)]

@@ -18,7 +18,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(FLAIRCAD), *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["phantom"], ["serve"]])
+@pytest.mark.parametrize("command", [[], ["phantom"], ["serve"], ["inspect"]])
 def test_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0

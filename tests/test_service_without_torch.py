@@ -17,6 +17,7 @@ class BlockTorch(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, BlockTorch())
 import service, service.preprocess, service.engine, service.config, service.app, service.cli
+import service.ingest, service.volume, service.flair
 import model_export.phantoms  # the phantom generator is numpy + pydicom only
 assert "torch" not in sys.modules
 print("ok")
