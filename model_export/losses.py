@@ -29,3 +29,22 @@ def attention_prior_kl(spatial_attention: Tensor, prior: Tensor, eps: float = 1e
     reference = prior.flatten().to(attention.dtype)
     kl = (attention * (torch.log(attention + eps) - torch.log(reference + eps))).sum(-1)
     return kl.mean()
+
+
+def cam_attention_consistency(
+    cam: Tensor, spatial_attention: Tensor, sharpness: float = 3.0, eps: float = 1e-6
+) -> Tensor:
+    """Cross-entropy from the spatial attention (held fixed) to the Grad-CAM's position
+    distribution, averaged over slices.
+
+    Grad-CAM averages the gradient over positions, so with attention pooling it lights up
+    wherever features resemble the class direction, not where the model looked. This term
+    (an explanation-consistency regulariser) pulls the CAM's peak towards the positions the
+    model's own attention pools. ``cam`` is the pre-ReLU Grad-CAM (…, h, w), standardised per
+    slice so that only its shape matters, not its scale.
+    """
+    scores = cam.flatten(-2)
+    scores = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + eps)
+    log_q = torch.log_softmax(sharpness * scores, dim=-1)
+    target = spatial_attention.flatten(-2).detach()
+    return -(target * log_q).sum(-1).mean()

@@ -340,8 +340,13 @@ def feature_gradient(model: AttentionClassifier, out: ModelOutput, target: Tenso
 def grad_cam(features: Tensor, gradient: Tensor) -> Tensor:
     """Grad-CAM per slice: ReLU(Σ_c mean_p(∂y/∂F_c) · F_c) → (B, S, h, w). Not normalised:
     the slice attention already scales the gradients, so slices stay comparable in a volume."""
+    return torch.relu(grad_cam_scores(features, gradient))
+
+
+def grad_cam_scores(features: Tensor, gradient: Tensor) -> Tensor:
+    """Grad-CAM before its ReLU (what training regularises)."""
     weights = gradient.mean(dim=(-2, -1), keepdim=True)
-    return torch.relu((weights * features).sum(dim=2))
+    return (weights * features).sum(dim=2)
 
 
 class ExplainedOutput(NamedTuple):

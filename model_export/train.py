@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model_export.data import Sample, make_splits, phantom_cohort, read_index
-from model_export.losses import attention_prior_kl, focal_loss
+from model_export.losses import attention_prior_kl, cam_attention_consistency, focal_loss
 from model_export.metrics import binary_metrics, cam_peak_hits, summarise
 from model_export.model import (
     AttentionClassifier,
@@ -36,6 +36,8 @@ from model_export.model import (
     ModelConfig,
     ModelOutput,
     centre_ring_prior,
+    feature_gradient,
+    grad_cam_scores,
     load_pretrained_backbone,
 )
 from model_export.phantoms import CLASS_NAMES
@@ -54,6 +56,8 @@ class TrainConfig:
     augment: bool = True
     frozen_epochs: int = 0
     finetune_lr: float | None = None  # end-to-end phase after a frozen one; None: lr
+    # Weight of the Grad-CAM ↔ spatial-attention consistency term (0: off, as in the paper).
+    cam_weight: float = 0.0
     flips: bool = False
     seed: int = 0
 
@@ -66,7 +70,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "demo": (
         ModelConfig(depth=18, base_width=16, output_stage=3),
         TrainConfig(epochs=5, patience=8, lr=1e-3, batch_size=8, flips=True, frozen_epochs=25,
-                    kl_weight=0.0, finetune_lr=1e-4),
+                    kl_weight=0.0, finetune_lr=1e-4, cam_weight=0.2),
     ),
     # For tests: seconds per epoch.
     "tiny": (
@@ -225,6 +229,10 @@ def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int]
                     if prior is None:
                         prior = centre_ring_prior(*out.spatial_attention.shape[-2:]).to(device)
                     loss = loss + cfg.kl_weight * attention_prior_kl(out.spatial_attention, prior)
+                if cfg.cam_weight and model_config.spatial_attention:
+                    cam = grad_cam_scores(out.features, feature_gradient(model, out, labels))
+                    loss = loss + cfg.cam_weight * cam_attention_consistency(
+                        cam, out.spatial_attention)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -344,6 +352,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head-hidden", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--kl-weight", type=float)
+    p.add_argument("--cam-weight", type=float,
+                   help="weight of the Grad-CAM/attention consistency term (0 = off)")
     p.add_argument("--pretrained", type=Path, help="local torchvision/timm ResNet state dict")
     p.add_argument("--target-shape", type=int, nargs=3, metavar=("H", "W", "S"))
     p.add_argument("--robust-percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
@@ -367,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         model_config = replace(model_config, instance_attention=False)
     train_overrides = {"epochs": args.epochs, "patience": args.patience, "lr": args.lr,
                        "batch_size": args.batch_size, "seed": args.seed,
-                       "kl_weight": args.kl_weight}
+                       "kl_weight": args.kl_weight, "cam_weight": args.cam_weight}
     cfg = replace(cfg, **{k: v for k, v in train_overrides.items() if v is not None})
     if args.no_augment:
         cfg = replace(cfg, augment=False)

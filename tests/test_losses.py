@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from model_export.losses import attention_prior_kl, focal_loss
+from model_export.losses import attention_prior_kl, cam_attention_consistency, focal_loss
 
 
 def test_focal_loss_matches_hand_computation() -> None:
@@ -45,3 +45,25 @@ def test_kl_is_zero_at_the_prior_and_positive_elsewhere() -> None:
     assert abs(float(attention_prior_kl(at_prior, prior.view(4, 4)))) < 1e-6
     uniform = torch.full((1, 1, 4, 4), 1 / 16)
     assert float(attention_prior_kl(uniform, prior.view(4, 4))) > 1e-3
+
+
+def test_cam_consistency_prefers_a_cam_that_peaks_where_attention_looks() -> None:
+    attention = torch.full((1, 2, 4, 4), 0.2 / 15)
+    attention[..., 1, 2] = 0.8
+    attention = attention / attention.sum((-2, -1), keepdim=True)
+    aligned = torch.zeros(1, 2, 4, 4)
+    aligned[..., 1, 2] = 5.0
+    elsewhere = torch.zeros(1, 2, 4, 4)
+    elsewhere[..., 3, 0] = 5.0
+    good = cam_attention_consistency(aligned, attention)
+    assert good < cam_attention_consistency(elsewhere, attention)
+    # Only the CAM's shape counts: scaling it does not change the term.
+    assert torch.isclose(cam_attention_consistency(aligned * 40.0, attention), good)
+
+
+def test_cam_consistency_trains_the_cam_not_the_attention() -> None:
+    cam = torch.randn(1, 3, 4, 4, requires_grad=True)
+    attention = torch.softmax(torch.randn(1, 3, 16), -1).view(1, 3, 4, 4).requires_grad_(True)
+    cam_attention_consistency(cam, attention).backward()
+    assert cam.grad is not None and cam.grad.abs().sum() > 0
+    assert attention.grad is None
