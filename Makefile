@@ -40,6 +40,7 @@ model: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_speed.py
+	$(PY) bench/volume_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -114,7 +114,8 @@ CODE_DESCRIPTIONS: Mapping[Code, str] = {
     Code.MISSING_SLICES: "reject: gaps in the slice stack (spacing a multiple of the smallest)",
     Code.IRREGULAR_SPACING: "reject: slice spacing varies by more than 1 % of the spacing",
     Code.NON_ORTHOGONAL_STACK: "reject: slices not stacked along their normal (gantry tilt/shear)",
-    Code.DECODE_FAILED: "reject: pixel data could not be decoded (codec missing or corrupt data)",
+    Code.DECODE_FAILED: "reject: pixel data not decodable (codec missing, corrupt or truncated "
+    "compressed stream)",
     Code.CONVERSION_FAILED: "reject: unexpected error while converting (a bug: please report)",
     Code.NOT_FLAIR: "reject (API only): no FLAIR rule matched and the override is off",
     Code.NO_PREAMBLE: "warning: files without the 128-byte preamble/'DICM' were read anyway",

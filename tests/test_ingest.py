@@ -27,7 +27,7 @@ from service.ingest import (
 )
 from service.volume import SeriesOutcome, load_folder, load_sources
 from tests._dicom import encode, encode_all, read_all
-from tests.conftest import PhantomFactory
+from tests.conftest import REPO, PhantomFactory
 
 SLICES = 6
 
@@ -403,5 +403,8 @@ def test_ingest_accepts_paths_bytes_and_files(series: list[Dataset], tmp_path: P
     assert [i.source for i in group.instances] == [str(path), "<bytes>", "part-3"]
 
 
-def test_every_code_is_described() -> None:
+def test_every_code_is_described_here_and_in_the_readme() -> None:
     assert set(CODE_DESCRIPTIONS) == set(Code)
+    readme = (REPO / "README.md").read_text()
+    missing = [str(code) for code in Code if f"| `{code}` |" not in readme]
+    assert missing == [], "README's code table lacks these codes"
