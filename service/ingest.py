@@ -24,6 +24,9 @@ Rules that are policy, not physics (documented in the README):
   InstanceNumber) is kept: warning ``duplicate_slices``.
 * **Same position / orientation tolerances.** Positions closer than 0.01 mm are the same
   position; ImageOrientationPatient components may differ by up to 1e-3 (about 0.06°).
+* **Memory.** Top-level private binary values over 16 KiB are dropped when a file is read
+  (vendor protocol dumps; Siemens' CSA image header excepted): nothing in flaircad reads them
+  and on small matrices they would outweigh the pixel data several times.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from pydicom.uid import (
 )
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+# Private binary values above this size are dropped at read time (see read_instance).
+PRIVATE_BLOB_LIMIT = 16 * 1024
 POSITION_DECIMALS = 2  # positions equal to 0.01 mm are one slice position
 ORIENTATION_TOL = 1e-3  # max abs difference between direction cosines of one series
 PIXEL_SPACING_RTOL = 1e-3
@@ -242,8 +247,27 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
                 return Skipped(Code.NOT_DICOM, _describe_magic(head), label)
             return Skipped(Code.CORRUPT, f"{type(error).__name__}: {error}", label)
     del data
+    # pydicom keeps the source buffer for deferred reads; nothing is deferred here, and the
+    # whole file's bytes would otherwise stay alive as long as the dataset.
+    ds.buffer = None
     eof_warning = any("End of file" in str(w.message) for w in caught)
-    return _admit(ds, label, has_prefix, eof_warning, head)
+    outcome = _admit(ds, label, has_prefix, eof_warning, head)
+    if isinstance(outcome, Instance):
+        _drop_private_blobs(outcome.dataset)
+    return outcome
+
+
+def _drop_private_blobs(ds: Dataset) -> None:
+    """Large private binary values (a Siemens XA file carries a 145 KB protocol dump per slice)
+    outweigh a small matrix's pixels several times over, and nothing here reads them; only
+    Siemens' CSA image header is kept, for mosaic detection."""
+    # keys(), not iteration: iterating a Dataset converts every raw element it yields
+    for tag in [t for t in ds.keys() if t.is_private]:  # noqa: SIM118
+        element = ds.get_item(tag)
+        value = None if element is None else element.value
+        if (isinstance(value, bytes) and len(value) > PRIVATE_BLOB_LIMIT
+                and not (tag.group == 0x0029 and (tag.element & 0xFF) == 0x10)):
+            del ds[tag]
 
 
 def _admit(

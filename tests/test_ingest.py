@@ -408,3 +408,20 @@ def test_every_code_is_described_here_and_in_the_readme() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [str(code) for code in Code if f"| `{code}` |" not in readme]
     assert missing == [], "README's code table lacks these codes"
+
+
+def test_large_private_blobs_are_dropped_but_not_the_csa_image_header(
+    series: list[Dataset],
+) -> None:
+    ds = series[0]
+    ds.add_new((0x0021, 0x0010), "LO", "SIEMENS MR SDS 01")
+    ds.add_new((0x0021, 0x1019), "OB", b"\x01" * 150_000)  # an XA protocol dump
+    ds.add_new((0x0021, 0x1020), "OB", b"\x02" * 100)
+    ds.add_new((0x0029, 0x0010), "LO", "SIEMENS CSA HEADER")
+    ds.add_new((0x0029, 0x1010), "OB", b"\x03" * 40_000)
+    instance = read_instance(encode(ds))
+    assert isinstance(instance, Instance)
+    kept = instance.dataset
+    assert (0x0021, 0x1019) not in kept
+    assert (0x0021, 0x1020) in kept and (0x0029, 0x1010) in kept
+    assert kept.PixelData == ds.PixelData
