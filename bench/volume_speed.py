@@ -11,18 +11,21 @@ What is timed, median of ``--runs`` after one warm-up each:
 The ratio is ours / dcm2niix (goal ≤ 1.0).
 
 Series: phantom FLAIR series written by model_export.phantoms (axial 30 slices 256², sagittal
-200 slices 200²), uncompressed and JPEG-LS lossless, and the real Siemens XA30 MPRAGE in JPEG
-Lossless SV1 (96 slices 128², and its first 30). pydicom cannot *write* JPEG Lossless SV1, so
-that codec is only benchmarked on the real sample; Debian's dcm2niix cannot read the sample's
-fragmented frames, so the benchmark joins each frame's fragments into one (same bitstream) in a
-temporary copy that both tools read. Debian's dcm2niix has no JPEG-LS decoder: no ratio there.
+200 slices 200²), uncompressed and JPEG-LS lossless (axial also JPEG 2000 lossless), and the
+real Siemens XA30 MPRAGE in JPEG Lossless SV1 (96 slices 128², and its first 30). pydicom
+cannot *write* JPEG Lossless SV1, so that codec is only benchmarked on the real sample;
+Debian's dcm2niix cannot read the sample's fragmented frames, so the benchmark joins each
+frame's fragments into one (same bitstream) in a temporary copy that both tools read.
+Debian's dcm2niix has no JPEG-LS decoder: no ratio there.
 
 Memory, per series, in a fresh subprocess: (a) tracemalloc's peak during ``load_folder`` (every
 allocation through Python's allocators, numpy buffers and pydicom's bytes included; not the
-C libraries' private buffers) and (b) the growth of the process' peak RSS (ru_maxrss) across the
-call, which also counts those. Both are divided by the decoded voxel data: the float32 volume
-returned (slices × rows × columns × 4 bytes). Goal ≤ 3. dcm2niix's peak RSS (whole process) is
-reported beside it.
+C libraries' private buffers) and (b) the peak RSS during the call minus the RSS before it (Linux:
+VmHWM reset through /proc/self/clear_refs), which also counts those, in a run of its own
+(tracemalloc's bookkeeping would inflate it). RSS also holds memory the allocator has not
+returned, so it is the pessimistic figure. Both are divided by the decoded voxel data: the
+float32 volume returned (slices × rows × columns × 4 bytes). Goal ≤ 3. dcm2niix's peak RSS
+(whole process) is reported beside it.
 """
 
 from __future__ import annotations
@@ -75,24 +78,40 @@ def run_dcm2niix(binary: str, folder: Path, out: Path) -> tuple[bool, int]:
     return (out / "out.nii").is_file(), int(usage.ru_maxrss)
 
 
-def measure_memory(folder: Path) -> dict[str, float]:
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_memory(folder: Path) -> dict[str, float | str]:
     """Run in a fresh interpreter (``--memory FOLDER``)."""
     from service.volume import load_sources
 
-    # imports and codecs loaded, as in a running service, without touching the peak yet
+    # imports and codecs loaded, as in a running service, before anything is measured
     load_sources(sorted(folder.iterdir())[:2])
     import gc
 
     gc.collect()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
+    try:
+        # Linux: writing 5 resets the peak-RSS mark (VmHWM) to the current RSS, so the peak
+        # read afterwards belongs to this call alone.
+        Path("/proc/self/clear_refs").write_text("5")
+        rss_before, method = _status_kib("VmRSS"), "VmHWM after clear_refs"
+    except OSError:
+        rss_before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
     shape = ours(folder)
+    rss_peak = (_status_kib("VmHWM") if method.startswith("VmHWM")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    gc.collect()
+    tracemalloc.start()  # a second run: tracemalloc's bookkeeping would inflate the RSS one
+    ours(folder)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     voxel_bytes = 4 * shape[0] * shape[1] * shape[2]
     return {"voxel_mib": voxel_bytes / 2**20, "tracemalloc_peak_x": peak / voxel_bytes,
-            "rss_growth_x": (rss_after - rss_before) * 1024 / voxel_bytes}
+            "rss_growth_x": (rss_peak - rss_before) * 1024 / voxel_bytes, "rss_method": method}
 
 
 def defragment(source: Path, target: Path, first: int | None = None) -> Path:
@@ -115,12 +134,13 @@ def cases(workdir: Path, samples: Path) -> list[tuple[str, Path]]:
     from model_export.phantoms import write_dicom_series
 
     found = []
-    for variant, slices in (("axial", 30), ("sagittal", 200)):
-        for compress in (None, "jpegls"):
+    names = {None: "uncompressed", "jpegls": "JPEG-LS", "jpeg2000": "JPEG 2000"}
+    for variant, slices, codecs in (("axial", 30, (None, "jpegls", "jpeg2000")),
+                                    ("sagittal", 200, (None, "jpegls"))):
+        for compress in codecs:
             folder = workdir / f"{variant}-{compress}"
             write_dicom_series("MS", 7, folder, variant=variant, slices=slices, compress=compress)
-            codec = "uncompressed" if compress is None else "JPEG-LS"
-            found.append((f"phantom {variant} {slices} sl, {codec}", folder))
+            found.append((f"phantom {variant} {slices} sl, {names[compress]}", folder))
     jpeg = samples / "siemens_xa30_t1w_mprage_jpeglossless" / "dicom"
     if jpeg.is_dir():
         found.append(("XA30 MPRAGE 30 sl, JPEG Lossless SV1",
