@@ -182,3 +182,70 @@ def preprocess(
     canonical = reorient_to_canonical(array, affine)
     scaled = scale_intensity(canonical.array, config)
     return PreparedVolume(model_input=resize_area(scaled, config.model_grid), canonical=canonical)
+
+
+# --------------------------------------------------------------------------------------------
+# Back from the model grid: what overlays need (the inverse direction of ``preprocess``)
+# --------------------------------------------------------------------------------------------
+
+
+def linear_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
+    """(n_out, n_in) weights of linear interpolation between cell centres, with the half-pixel
+    convention of the area resize (cell i of n covers [i, i+1) in units of n_in/n) and edges
+    clamped, as OpenCV's INTER_LINEAR and torch's ``align_corners=False``. Each row sums to one."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError("sizes must be positive")
+    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    centres = np.clip(centres, 0.0, n_in - 1.0)
+    low = np.floor(centres).astype(np.intp)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = centres - low
+    weights = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    weights[rows, low] += 1.0 - frac
+    weights[rows, high] += frac
+    return weights
+
+
+def resize_linear(array: npt.NDArray[Any], shape: tuple[int, int, int]) -> FloatArray:
+    """Separable linear interpolation of a 3D array to ``shape``. For smooth maps (Grad-CAM,
+    attention) going up to a finer grid, where area interpolation would leave blocks; the
+    cell centres line up with those of :func:`resize_area`, so either direction keeps
+    every cell where the other one put it."""
+    out = np.asarray(array, dtype=np.float32)
+    if out.ndim != 3:
+        raise ValueError(f"expected a 3D array, got shape {out.shape}")
+    for axis, size in enumerate(shape):
+        if out.shape[axis] == size:
+            continue
+        weights = linear_matrix(out.shape[axis], size).astype(np.float32)
+        out = np.moveaxis(np.tensordot(weights, out, axes=([1], [axis])), 0, axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def source_shape(canonical: CanonicalVolume) -> tuple[int, int, int]:
+    """The shape of the source array that ``canonical`` was made from."""
+    shape = [0, 0, 0]
+    for axis, source_axis in enumerate(canonical.source_axes):
+        shape[source_axis] = canonical.array.shape[axis]
+    return shape[0], shape[1], shape[2]
+
+
+def restore_to_source(array: npt.NDArray[Any], canonical: CanonicalVolume) -> npt.NDArray[Any]:
+    """The inverse of :func:`reorient_to_canonical`: ``array`` lies on the canonical grid of
+    ``canonical`` (same shape as ``canonical.array``); the result lies on the source grid,
+    voxel for voxel where the source volume was (undo the flips, then the permutation)."""
+    if array.shape != canonical.array.shape:
+        raise ValueError(f"array shape {array.shape} is not the canonical shape "
+                         f"{canonical.array.shape}")
+    out = array
+    for axis, flip in enumerate(canonical.flipped):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return np.ascontiguousarray(np.transpose(out, np.argsort(canonical.source_axes)))
+
+
+def canonical_to_source_axis(canonical: CanonicalVolume, source_axis: int) -> tuple[int, bool]:
+    """Which canonical axis source axis ``source_axis`` became, and whether it was flipped."""
+    axis = canonical.source_axes.index(source_axis)
+    return axis, canonical.flipped[axis]
