@@ -1,0 +1,369 @@
+"""One analysis, DICOM in to result out: the single code path of the HTTP API and the CLI.
+
+A straight line of stages, each timed (milliseconds, in ``timings_ms``):
+
+``decode``
+    parse every source once (headers; pixel data stays encoded), group into series; exactly
+    one series must remain, and it must be FLAIR (unless the research override is on);
+``volume``
+    decode the pixels once into a 3D volume with its geometry (:mod:`service.volume`);
+``preprocess``
+    reorient, scale, resize to the model grid (:mod:`service.preprocess`);
+``inference``
+    the one onnxruntime run that yields the probabilities *and* the Grad-CAM;
+``render``
+    Grad-CAM overlays per source slice and the preview montage (:mod:`service.overlay`);
+``encode``
+    the Secondary Capture series and the Comprehensive SR (:mod:`service.sc`,
+    :mod:`service.sr`), written to DICOM Part 10 bytes;
+``total``
+    all of the above.
+
+Input that is not one usable FLAIR MR series raises :class:`AnalysisRejected` with a stable
+snake_case ``code``: the codes of :class:`service.ingest.Code` (``not_mr``, ``missing_slices``,
+``not_flair``, ...) plus ``no_series``, ``multiple_series`` and ``invalid_uid``. Anything else
+that goes wrong is a bug and propagates as such.
+
+Nothing here logs patient identifiers; warnings name attributes and codes, never values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+from service import overlay, sanitize, sc, sr
+from service.engine import EngineOutput, ModelInfo
+from service.flair import RuleSet, flair_rejection, load_rules, selection_attributes
+from service.ingest import Code, Series, Source, ingest
+from service.preprocess import preprocess
+from service.volume import SeriesVolume, convert
+
+log = logging.getLogger(__name__)
+
+NO_SERIES = "no_series"
+MULTIPLE_SERIES = "multiple_series"
+INVALID_UID = "invalid_uid"
+STAGES = ("decode", "volume", "preprocess", "inference", "render", "encode", "total")
+SC_SERIES_OFFSET = 1000  # SC series number = source series number + 1000
+SR_SERIES_OFFSET = 2000
+_MAX_IS = 2**31 - 1
+
+AnalysisSource = Source | tuple[Source, str]
+
+
+class InferenceEngine(Protocol):
+    """What an analysis needs of :class:`service.engine.Engine` (tests pass stand-ins)."""
+
+    info: ModelInfo
+    provider: str
+
+    def run(self, volumes: npt.NDArray[np.float32],
+            target_class: npt.NDArray[np.int64] | None = None) -> EngineOutput: ...
+
+
+class AnalysisRejected(Exception):
+    """The input is not one usable FLAIR MR series; ``code`` is stable (HTTP 422)."""
+
+    def __init__(self, code: str, message: str, warnings: Sequence[str] = ()) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = str(code)
+        self.message = message
+        self.warnings = list(warnings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "warnings": self.warnings}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of one analysis and its DICOM outputs (Part 10 bytes)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    prediction: str  # the class with the highest probability
+    probabilities: dict[str, float]  # keys: class names from the model metadata, in order
+    slice_weights: list[float]  # per source slice, InstanceNumber order, sums to 1
+    model: dict[str, str]  # name, version, provider
+    sc_series_instance_uid: str
+    sc_sop_instance_uids: list[str]  # InstanceNumber order
+    sr_series_instance_uid: str
+    sr_sop_instance_uid: str
+    sc_instances: list[bytes]  # one Part 10 file per source slice, InstanceNumber order
+    sr_instance: bytes
+    preview_png: bytes
+    timings_ms: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def instances(self) -> list[bytes]:
+        """Every output instance: the Secondary Captures, then the SR."""
+        return [*self.sc_instances, self.sr_instance]
+
+    def sc_datasets(self) -> list[Dataset]:
+        return [dcmread(io.BytesIO(data)) for data in self.sc_instances]
+
+    def sr_dataset(self) -> Dataset:
+        return dcmread(io.BytesIO(self.sr_instance))
+
+    def to_json(self) -> dict[str, Any]:
+        """The result fields of the API's result JSON; the HTTP layer adds ``analysis_id``,
+        ``status`` and the URLs in ``outputs``."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "prediction": self.prediction,
+            "probabilities": dict(self.probabilities),
+            "slice_weights": list(self.slice_weights),
+            "model": dict(self.model),
+            "outputs": {
+                "secondary_capture_series_instance_uid": self.sc_series_instance_uid,
+                "sr_sop_instance_uid": self.sr_sop_instance_uid,
+            },
+            "timings_ms": dict(self.timings_ms),
+            "warnings": list(self.warnings),
+        }
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round((now - self.last) * 1000.0, 1)
+        self.last = now
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = round((time.perf_counter() - self.start) * 1000.0, 1)
+        return {stage: self.timings[stage] for stage in STAGES}
+
+
+def _skipped_summary(codes: Counter[str]) -> str:
+    described = ", ".join(f"{code} ({n})" for code, n in sorted(codes.items()))
+    return f"{sum(codes.values())} file(s) skipped: {described}"
+
+
+def _one_series(series: list[Series], warnings: list[str]) -> Series:
+    if not series:
+        raise AnalysisRejected(NO_SERIES, "no DICOM image series in the input", warnings)
+    if len(series) > 1:
+        described = "; ".join(
+            f"{s.series_instance_uid} ({sanitize.clean_ascii(s.series_description, 64) or '-'},"
+            f" {s.n_instances} instance(s))" for s in series[:10]
+        )
+        raise AnalysisRejected(
+            MULTIPLE_SERIES,
+            f"{len(series)} series in the input; an analysis takes exactly one: {described}",
+            warnings,
+        )
+    return series[0]
+
+
+def _series_number(ds: Dataset, offset: int) -> int:
+    try:
+        number = int(str(ds.get("SeriesNumber", "")).strip())
+    except (TypeError, ValueError):
+        number = 0
+    return offset + number if 0 <= number <= _MAX_IS - offset else offset
+
+
+def _display_order(volume: SeriesVolume) -> list[int]:
+    """Source slice indices in reading order: InstanceNumber, then frame, then position."""
+
+    def key(k: int) -> tuple[int, int, int, int]:
+        s = volume.slices[k]
+        missing = s.instance_number is None
+        return (int(missing), s.instance_number or 0, s.frame_number or 0, k)
+
+    return sorted(range(len(volume.slices)), key=key)
+
+
+def _slice_label(volume: SeriesVolume, k: int) -> str:
+    s = volume.slices[k]
+    label = f"#{s.instance_number}" if s.instance_number is not None else f"slice {k + 1}"
+    return label + (f" f{s.frame_number}" if s.frame_number is not None else "")
+
+
+def _source_images(series: Series, volume: SeriesVolume, order: list[int],
+                   warnings: list[str]) -> list[sc.SourceImage]:
+    """The source image (and frame) of each output slice; UIDs that cannot be written as UIDs
+    make the series unusable (every output references them)."""
+    classes: dict[str, str] = {}
+    for instance in series.instances:
+        uid = sanitize.clean_uid(instance.dataset.get("SOPInstanceUID"))
+        sop_class = sanitize.clean_uid(instance.dataset.get("SOPClassUID"))
+        if uid is not None and sop_class is not None:
+            classes[uid] = sop_class
+    images = []
+    nonconformant = 0
+    for k in order:
+        s = volume.slices[k]
+        uid = sanitize.clean_uid(s.sop_instance_uid)
+        if uid is None or uid not in classes:
+            raise AnalysisRejected(
+                INVALID_UID, "a source SOP Instance or SOP Class UID is not a valid UID, so the "
+                "outputs could not reference it", warnings)
+        nonconformant += not sanitize.is_conformant_uid(uid)
+        images.append(sc.SourceImage(classes[uid], uid, s.frame_number))
+    if nonconformant:
+        warnings.append(f"{nonconformant} source SOP Instance UID(s) are not conformant UIDs "
+                        "(referenced as they are)")
+    return images
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def analyse(
+    sources: Iterable[AnalysisSource],
+    engine: InferenceEngine,
+    *,
+    rules: RuleSet | None = None,
+    accept_non_flair: bool = False,
+) -> Analysis:
+    """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
+    Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series."""
+    clock = _Clock()
+    warnings: list[str] = []
+
+    # decode: parse and group; one series, FLAIR
+    ingested = ingest(sources)
+    if ingested.skipped:
+        warnings.append(_skipped_summary(Counter(str(s.code) for s in ingested.skipped)))
+    series = _one_series(ingested.series, warnings)
+    if series.modality == "MR":  # other modalities are refused by the volume stage (not_mr)
+        match = (rules or load_rules()).evaluate(selection_attributes(series.first))
+        refusal = flair_rejection(match, accept_non_flair)
+        if refusal is not None:
+            raise AnalysisRejected(refusal.code, refusal.message, warnings)
+        if not match.is_flair:
+            warnings.append(f"{Code.NOT_FLAIR}: no FLAIR rule matched; analysed anyway "
+                            "(accept_non_flair research override)")
+    clock.lap("decode")
+
+    # volume: decode pixels once, geometry, provenance
+    outcome = convert(series)
+    warnings.extend(str(notice) for notice in outcome.warnings)
+    if outcome.volume is None:
+        rejection = outcome.rejection
+        assert rejection is not None
+        raise AnalysisRejected(rejection.code, rejection.message, warnings)
+    volume = outcome.volume
+    clock.lap("volume")
+
+    info = engine.info
+    prepared = preprocess(volume.array, volume.affine_lps, info.preprocessing)
+    clock.lap("preprocess")
+
+    output = engine.run(prepared.model_input[None])
+    clock.lap("inference")
+
+    # render: overlays on every source slice, preview of the most attended ones
+    probabilities = {name: float(p) for name, p in
+                     zip(info.class_names, output.probabilities[0], strict=True)}
+    prediction = info.class_names[int(np.argmax(output.probabilities[0]))]
+    banner = overlay.Banner(prediction, probabilities, info.name, info.version)
+    order = _display_order(volume)
+    pixel_spacing = (volume.spacing_mm[1], volume.spacing_mm[2])
+    rendered = overlay.render(
+        volume.array, prepared, output.gradcam[0], output.slice_weights[0],
+        output.spatial_attention[0], banner, display_order=order,
+        slice_labels=[_slice_label(volume, k) for k in range(len(volume.slices))],
+        pixel_spacing=pixel_spacing,
+    )
+    if not rendered.cam.any():
+        warnings.append("the Grad-CAM is zero everywhere: the overlays show no colour")
+    weights = np.asarray([rendered.slice_weights[k] for k in order], dtype=np.float64)
+    weights = weights / weights.sum()
+    clock.lap("render")
+
+    # encode: Secondary Capture series and SR, from cleaned copies of the source header
+    first = series.instances[0].dataset
+    try:
+        header = sanitize.reference_header(first)
+    except ValueError as error:
+        raise AnalysisRejected(INVALID_UID, str(error), warnings) from error
+    warnings.extend(header.warnings)
+    sources_in_order = _source_images(series, volume, order, warnings)
+    model = sc.ModelIdentity(info.name, info.version)
+    probabilities_text = ", ".join(f"{name} {p:.3f}" for name, p in probabilities.items())
+    captures = sc.build_secondary_captures(
+        [rendered.overlays[k] for k in order], sources_in_order, header.dataset,
+        model=model, prediction=prediction, probabilities_text=probabilities_text,
+        series_number=_series_number(first, SC_SERIES_OFFSET), pixel_spacing=pixel_spacing,
+        orientation=sc.patient_orientation(volume.affine_lps),
+    )
+    source_series = sanitize.clean_uid(volume.info.series_instance_uid)
+    if not source_series:
+        raise AnalysisRejected(INVALID_UID, "the source SeriesInstanceUID is not a valid UID",
+                               warnings)
+    report = sr.build_report(
+        header.dataset,
+        sources=[sr.EvidenceInstance(sop_class, uid, source_series) for sop_class, uid in
+                 dict.fromkeys((s.sop_class_uid, s.sop_instance_uid) for s in sources_in_order)],
+        secondary_captures=[sr.EvidenceInstance(c.SOPClassUID, c.SOPInstanceUID,
+                                                c.SeriesInstanceUID) for c in captures],
+        model=model, prediction=prediction, probabilities=probabilities,
+        series_number=_series_number(first, SR_SERIES_OFFSET),
+    )
+    sc_bytes = [_encode(capture) for capture in captures]
+    sr_bytes = _encode(report)
+    clock.lap("encode")
+
+    timings = clock.finish()
+    log.info("analysis done: %d slices, prediction %s, %s ms", len(order), prediction,
+             timings["total"])
+    return Analysis(
+        study_instance_uid=str(header.dataset.StudyInstanceUID),
+        series_instance_uid=str(source_series),
+        prediction=prediction,
+        probabilities=probabilities,
+        slice_weights=[float(w) for w in weights],
+        model={"name": info.name, "version": info.version, "provider": engine.provider},
+        sc_series_instance_uid=str(captures[0].SeriesInstanceUID),
+        sc_sop_instance_uids=[str(c.SOPInstanceUID) for c in captures],
+        sr_series_instance_uid=str(report.SeriesInstanceUID),
+        sr_sop_instance_uid=str(report.SOPInstanceUID),
+        sc_instances=sc_bytes,
+        sr_instance=sr_bytes,
+        preview_png=rendered.preview_png,
+        timings_ms=timings,
+        warnings=warnings,
+    )
+
+
+def write_outputs(analysis: Analysis, out_dir: Path | str) -> dict[str, Any]:
+    """Write ``result.json``, ``preview.png``, ``sr.dcm`` and ``sc/IM0001.dcm`` … into
+    ``out_dir`` (created if needed); returns what was written where."""
+    out = Path(out_dir)
+    sc_dir = out / "sc"
+    sc_dir.mkdir(parents=True, exist_ok=True)
+    sc_paths = []
+    for number, data in enumerate(analysis.sc_instances, start=1):
+        path = sc_dir / f"IM{number:04d}.dcm"
+        path.write_bytes(data)
+        sc_paths.append(path)
+    sr_path = out / "sr.dcm"
+    sr_path.write_bytes(analysis.sr_instance)
+    preview = out / "preview.png"
+    preview.write_bytes(analysis.preview_png)
+    result = out / "result.json"
+    result.write_text(json.dumps(analysis.to_json(), indent=2) + "\n", encoding="utf-8")
+    return {"result": result, "preview": preview, "sr": sr_path, "sc": sc_paths}

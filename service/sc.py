@@ -1,0 +1,174 @@
+"""Grad-CAM overlays as a DICOM Secondary Capture series in the source study (highdicom).
+
+One RGB instance per source slice (a frame of a multi-frame source counts as a slice), with
+that slice's Rows and Columns, in the source's reading order (InstanceNumber 1..N). Patient
+and study attributes come from :func:`service.sanitize.reference_header`, never straight from
+the scanner header. Each instance says what it is and where it came from:
+
+* SeriesDescription, ImageComments and the burned-in banner: Grad-CAM, model, research use;
+* SourceImageSequence: the source image (and frame), purpose "Source image for image
+  processing operation" (DCM 121322);
+* DerivationDescription: how the overlay was made; BurnedInAnnotation YES (the banner);
+* ContributingEquipmentSequence: the scanner that acquired the source (when it says who made
+  it) and flaircad with the model name and version (DCM 109102 "Processing Equipment");
+* ConversionType WSD (workstation), ImageType DERIVED\\SECONDARY\\OTHER.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from service.sanitize import OPTIONAL_PATIENT_STUDY, clean_text
+
+RESEARCH_STATEMENT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+SOFTWARE = "flaircad"
+# LPS axis → (letter for +, letter for −) in PatientOrientation terms
+_ORIENTATION_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """The source image (and frame, for multi-frame objects) one overlay derives from."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+
+
+def patient_orientation(affine_lps: npt.ArrayLike) -> tuple[str, str]:
+    """PatientOrientation of the slices of a (slices, rows, columns) volume: the patient
+    direction along a row (increasing column index), then down a column; the dominant axis for
+    oblique planes (highdicom accepts single letters only)."""
+    affine = np.asarray(affine_lps, dtype=np.float64)
+
+    def letter(direction: npt.NDArray[np.float64]) -> str:
+        axis = int(np.argmax(np.abs(direction)))
+        return _ORIENTATION_LETTERS[axis][0 if direction[axis] > 0 else 1]
+
+    return letter(affine[:3, 2]), letter(affine[:3, 1])
+
+
+def processing_equipment(model: ModelIdentity, what: str) -> highdicom.ContributingEquipment:
+    return highdicom.ContributingEquipment(
+        manufacturer=SOFTWARE,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=clean_text(model.name, 64) or "unnamed model",
+        software_versions=clean_text(model.version, 64) or "unknown",
+        contribution_datetime=datetime.datetime.now(datetime.UTC).replace(tzinfo=None),
+        contribution_description=clean_text(f"{what} - {RESEARCH_STATEMENT}", 64),
+    )
+
+
+def acquisition_equipment(header: Dataset) -> highdicom.ContributingEquipment | None:
+    """The scanner that made the source images, when the header names its manufacturer."""
+    if not header.get("Manufacturer"):
+        return None
+    return highdicom.ContributingEquipment(
+        manufacturer=header.Manufacturer,
+        purpose_of_reference=codes.DCM.AcquisitionEquipment,
+        manufacturer_model_name=header.get("ManufacturerModelName") or None,
+        contribution_description="Acquisition equipment of the source images",
+    )
+
+
+def series_description(prediction: str) -> str:
+    return clean_text(f"flaircad Grad-CAM {prediction} - RESEARCH ONLY", 64)
+
+
+def build_secondary_captures(
+    images: Sequence[npt.NDArray[np.uint8]],
+    sources: Sequence[SourceImage],
+    header: Dataset,
+    *,
+    model: ModelIdentity,
+    prediction: str,
+    probabilities_text: str,
+    series_number: int,
+    pixel_spacing: tuple[float, float],
+    orientation: tuple[str, str],
+    series_instance_uid: str | None = None,
+) -> list[highdicom.sc.SCImage]:
+    """One SC instance per image, ``images[i]`` derived from ``sources[i]``; InstanceNumber
+    i + 1. ``header`` is a :func:`service.sanitize.reference_header` dataset."""
+    if len(images) != len(sources) or not images:
+        raise ValueError(f"{len(images)} images for {len(sources)} source images")
+    series_uid = series_instance_uid or highdicom.UID()
+    equipment = [e for e in (acquisition_equipment(header),
+                             processing_equipment(model, "Grad-CAM overlay")) if e is not None]
+    description = series_description(prediction)
+    derivation = clean_text(
+        f"Grad-CAM of {model.name} {model.version} for the predicted class {prediction}, "
+        "mapped from the model grid back to this source image, normalised over the whole "
+        "series, JET colour map alpha-blended over the windowed source image; result banner "
+        f"burned in. {RESEARCH_STATEMENT}.", 1024, multiline=True)
+    comments = clean_text(
+        f"{RESEARCH_STATEMENT}. flaircad {model.name} {model.version}: predicted "
+        f"{prediction} ({probabilities_text}).", 10240, multiline=True)
+    now = datetime.datetime.now()
+    instances = []
+    for number, (pixels, source) in enumerate(zip(images, sources, strict=True), start=1):
+        sc = highdicom.sc.SCImage(
+            pixel_array=np.ascontiguousarray(pixels, dtype=np.uint8),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            study_instance_uid=header.StudyInstanceUID,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=highdicom.UID(),
+            instance_number=number,
+            manufacturer=SOFTWARE,
+            patient_id=header.PatientID,
+            patient_name=header.PatientName,
+            patient_birth_date=header.PatientBirthDate,
+            patient_sex=header.PatientSex,
+            accession_number=header.AccessionNumber,
+            study_id=header.StudyID,
+            study_date=header.StudyDate,
+            study_time=header.StudyTime,
+            referring_physician_name=header.ReferringPhysicianName,
+            pixel_spacing=pixel_spacing,
+            patient_orientation=orientation,
+            contributing_equipment=equipment,
+            series_description=description,
+            manufacturer_model_name=clean_text(model.name, 64) or None,
+            software_versions=clean_text(model.version, 64) or None,
+            content_date=now.date(),
+            content_time=now.time(),
+            specific_character_set=header.SpecificCharacterSet,
+        )
+        # the rest of the Patient and General Study modules, already cleaned in the header
+        for keyword in OPTIONAL_PATIENT_STUDY:
+            if keyword in header:
+                setattr(sc, keyword, header.get(keyword))
+        sc.BodyPartExamined = header.get("BodyPartExamined") or "BRAIN"
+        sc.ConversionType = "WSD"
+        sc.BurnedInAnnotation = "YES"
+        sc.LossyImageCompression = "00"
+        sc.DerivationDescription = derivation
+        sc.ImageComments = comments
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.sop_class_uid
+        reference.ReferencedSOPInstanceUID = source.sop_instance_uid
+        if source.frame_number is not None:
+            reference.ReferencedFrameNumber = source.frame_number
+        purpose = highdicom.sr.CodedConcept.from_code(
+            codes.DCM.SourceImageForImageProcessingOperation)
+        reference.PurposeOfReferenceCodeSequence = [purpose]
+        sc.SourceImageSequence = [reference]
+        instances.append(sc)
+    return instances
