@@ -115,6 +115,49 @@ def _inspect(args: argparse.Namespace) -> int:
     return 3 if any(o.rejection is not None for o in outcomes) else 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from service.analysis import AnalysisRejected, analyse, write_outputs
+    from service.config import Settings
+    from service.engine import Engine
+    from service.flair import RulesError, load_rules
+    from service.ingest import iter_folder
+
+    folder: Path = args.series_dir
+    if not folder.is_dir():
+        print(f"flaircad analyze: {folder} is not a folder", file=sys.stderr)
+        return 2
+    settings = Settings()
+    try:
+        rules = load_rules(args.rules or settings.flair_rules)
+    except (OSError, RulesError) as error:
+        print(f"flaircad analyze: FLAIR rules: {error}", file=sys.stderr)
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"flaircad analyze: --out: {error}", file=sys.stderr)
+        return 2
+    model_path = args.model or settings.model_path
+    if not Path(model_path).is_file():
+        print(f"flaircad analyze: no model file {model_path}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(model_path, settings.providers)
+    except Exception as error:  # onnxruntime's own error types, or a model without the contract
+        print(f"flaircad analyze: cannot load the model {model_path}: {error}", file=sys.stderr)
+        return 2
+    print(RESEARCH_NOTICE, file=sys.stderr)
+    try:
+        analysis = analyse(iter_folder(folder), engine, rules=rules,
+                           accept_non_flair=args.accept_non_flair or settings.accept_non_flair)
+    except AnalysisRejected as rejected:
+        print(json.dumps(rejected.to_json()), file=sys.stderr)
+        return 3
+    write_outputs(analysis, args.out)
+    print(json.dumps(analysis.to_json()), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaircad",
@@ -166,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="FLAIR selection rules (default: FLAIRCAD_FLAIR_RULES or the "
                          "packaged service/rules/flair.json)")
     inspect.set_defaults(func=_inspect)
+
+    analyze = commands.add_parser(
+        "analyze", help="analyse one FLAIR series folder: result.json, SC + SR .dcm, preview.png",
+        description="Run the analysis the service runs, without a server, on the one DICOM "
+        "series under SERIES_DIR: MS vs cSVD probabilities, Grad-CAM overlays as a DICOM "
+        "Secondary Capture series (OUT_DIR/sc/IM0001.dcm ...), a Comprehensive SR "
+        "(OUT_DIR/sr.dcm), a preview montage (OUT_DIR/preview.png) and OUT_DIR/result.json, "
+        "which is also printed. Exit status: 0 done; 3 the series was refused (not one usable "
+        "FLAIR MR series; the reason is printed on stderr as JSON with code and message); "
+        "2 usage error. " + RESEARCH_NOTICE,
+    )
+    analyze.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
+    analyze.add_argument("--out", required=True, type=Path, metavar="OUT_DIR",
+                         help="folder for the outputs (created if needed)")
+    analyze.add_argument("--model", type=Path, default=None,
+                         help="ONNX model (default: FLAIRCAD_MODEL_PATH or the bundled demo)")
+    analyze.add_argument("--rules", type=Path, default=None, metavar="JSON",
+                         help="FLAIR selection rules (default: FLAIRCAD_FLAIR_RULES or the "
+                         "packaged service/rules/flair.json)")
+    analyze.add_argument("--accept-non-flair", action="store_true",
+                         help="research override: analyse a series no FLAIR rule matches "
+                         "(also FLAIRCAD_ACCEPT_NON_FLAIR=1)")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 
