@@ -44,12 +44,13 @@ def canonical(data: npt.ArrayLike, affine_ras: npt.ArrayLike) -> tuple[np.ndarra
 
 def reference(path: Path, volume: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """A dcm2niix NIfTI in physical values (its scl_slope/scl_inter applied), optionally one
-    volume of a 4D file, plus the scale slope dcm2niix stored."""
+    volume of a 4D file, plus the scale slope dcm2niix stored (its intercept is 0 here)."""
     image = nib.load(path)
     data = np.asarray(image.dataobj, dtype=np.float64)
     if volume is not None:
         data = data[..., volume]
-    slope = image.dataobj.slope
+    slope, inter = image.dataobj.slope, image.dataobj.inter
+    assert inter in (None, 0.0), "the comparisons below assume dcm2niix's intercept is 0"
     return data, np.asarray(image.affine), float(1.0 if slope is None else slope)
 
 
@@ -111,5 +112,7 @@ def assert_matches_reference(volume: SeriesVolume, ref_path: Path, time_point: i
         difference = float(np.abs(mine - ref_data).max())
         # float32 output vs dcm2niix's integer × float32 slope: a few ulps of the largest value
         assert difference <= 1e-6 * scale, f"max |Δ| {difference} (scale {scale})"
+        # and exactly the same stored integers behind those physical values
+        assert np.array_equal(np.rint(mine / ref_slope), np.rint(ref_data / ref_slope))
     geometry = assert_same_geometry(mine_affine, ref_affine, mine.shape)
     return {"max_abs_diff": difference, "ref_slope": ref_slope, **geometry}
