@@ -63,6 +63,13 @@ def _flatten(value: Any) -> str:
     return str(value)
 
 
+def _as_written(value: Any) -> str:
+    """The value as the source holds it (several values joined by backslashes)."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return _flatten(value)
+
+
 def cut_utf8(text: str, max_bytes: int) -> str:
     """``text`` cut so that its UTF-8 encoding fits ``max_bytes`` (never inside a character)."""
     encoded = text.encode("utf-8")
@@ -179,7 +186,7 @@ def reference_header(ds: Dataset) -> Header:
 
     def put(keyword: str, cleaned: str, *, type2: bool = True) -> None:
         raw = _get(ds, keyword)
-        original = _flatten(raw).strip()
+        original = _as_written(raw).strip()
         if cleaned != original and original:
             header.changed.append(keyword)
         if cleaned or type2:
