@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -142,7 +143,9 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"flaircad analyze: no model file {model_path}", file=sys.stderr)
         return 2
     try:
-        engine = Engine(model_path, settings.providers)
+        # onnxruntime prints its CUDA library probing to stdout, which carries the result JSON
+        with contextlib.redirect_stdout(sys.stderr):
+            engine = Engine(model_path, settings.providers)
     except Exception as error:  # onnxruntime's own error types, or a model without the contract
         print(f"flaircad analyze: cannot load the model {model_path}: {error}", file=sys.stderr)
         return 2
