@@ -1,0 +1,201 @@
+"""The analysis pipeline end to end: refusals with stable codes, ``flaircad analyze``, and where
+the bundled model's Grad-CAM lands on phantom lesions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from model_export.metrics import cam_peak_hits
+from model_export.phantoms import generate_phantom
+from service.analysis import AnalysisRejected, analyse
+from service.cli import main
+from service.config import BUNDLED_MODEL
+from service.engine import Engine
+from service.ingest import iter_folder
+from service.overlay import cam_to_source
+from service.preprocess import preprocess
+from service.volume import load_series_volume
+from tests.conftest import PhantomFactory
+from tests.test_sc_sr import FakeEngine
+
+FLAIRCAD = Path(sys.executable).with_name("flaircad")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(BUNDLED_MODEL, ["CPUExecutionProvider"])
+
+
+def _rewrite(source: Path, target: Path, skip: frozenset[int] = frozenset(), **attributes: object
+             ) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index, path in enumerate(sorted(source.glob("*.dcm"))):
+            if index in skip:
+                continue
+            ds = pydicom.dcmread(path)
+            for keyword, value in attributes.items():
+                if value is None:
+                    delattr(ds, keyword)
+                else:
+                    setattr(ds, keyword, value)
+            ds.save_as(target / path.name)
+    return target
+
+
+def _refusal(sources: object, **options: object) -> AnalysisRejected:
+    with pytest.raises(AnalysisRejected) as caught:
+        analyse(sources, FakeEngine(), **options)  # type: ignore[arg-type]
+    return caught.value
+
+
+def test_refusals_have_stable_codes(phantom_series: PhantomFactory, tmp_path: Path) -> None:
+    axial = phantom_series(slices=6)
+    assert _refusal([]).code == "no_series"
+    note = tmp_path / "note.txt"
+    note.write_text("not DICOM")
+    nothing = _refusal([note])
+    assert nothing.code == "no_series" and "not_dicom (1)" in nothing.warnings[0]
+    both = _refusal([*iter_folder(axial), *iter_folder(phantom_series("oblique"))])
+    assert both.code == "multiple_series" and "AX T2 FLAIR OBL" in both.message
+    gap = _rewrite(axial, tmp_path / "gap", skip=frozenset({3}))
+    assert _refusal(iter_folder(gap)).code == "missing_slices"
+    ct = _rewrite(axial, tmp_path / "ct", Modality="CT")
+    assert _refusal(iter_folder(ct)).code == "not_mr"
+    assert AnalysisRejected("x", "y", ["z"]).to_json() == {"code": "x", "message": "y",
+                                                          "warnings": ["z"]}
+
+
+def test_non_flair_is_refused_unless_overridden(phantom_series: PhantomFactory,
+                                                tmp_path: Path) -> None:
+    t2 = _rewrite(phantom_series(slices=6), tmp_path / "t2", SeriesDescription="AX T2 TSE",
+                  ProtocolName="AX T2 TSE", SequenceName="*tse2d1_15", ScanningSequence="SE",
+                  SequenceVariant="SK", ScanOptions=None, InversionTime=None)
+    refused = _refusal(iter_folder(t2))
+    assert refused.code == "not_flair"
+    # bytes in, as the HTTP layer passes them, with the research override
+    parts = [(path.read_bytes(), path.name) for path in iter_folder(t2)]
+    analysis = analyse(parts, FakeEngine(), accept_non_flair=True)
+    assert any(w.startswith("not_flair") for w in analysis.warnings)
+    assert len(analysis.sc_instances) == 6
+
+
+def test_flaircad_analyze_end_to_end(phantom_series: PhantomFactory, tmp_path: Path) -> None:
+    folder = phantom_series()
+    out = tmp_path / "out"
+    result = subprocess.run([str(FLAIRCAD), "analyze", str(folder), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert json.loads((out / "result.json").read_text()) == printed
+    assert printed["prediction"] == max(printed["probabilities"],
+                                        key=printed["probabilities"].get)
+    assert set(printed["probabilities"]) == {"MS", "cSVD"}
+    assert len(printed["slice_weights"]) == 24
+    assert sum(printed["slice_weights"]) == pytest.approx(1.0)
+    assert printed["model"]["name"] == "flaircad-demo"
+    assert set(printed["timings_ms"]) == {"decode", "volume", "preprocess", "inference",
+                                          "render", "encode", "total"}
+    captures = sorted((out / "sc").glob("*.dcm"))
+    assert len(captures) == 24
+    assert pydicom.dcmread(captures[0]).SeriesInstanceUID == \
+        printed["outputs"]["secondary_capture_series_instance_uid"]
+    assert pydicom.dcmread(out / "sr.dcm").SOPInstanceUID == \
+        printed["outputs"]["sr_sop_instance_uid"]
+    assert (out / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    assert "RESEARCH USE ONLY" in result.stderr
+
+
+def test_flaircad_analyze_refusals_and_usage(phantom_series: PhantomFactory, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    t2 = _rewrite(phantom_series(slices=6), tmp_path / "t2", SeriesDescription="AX T2 TSE",
+                  ProtocolName="AX T2 TSE", SequenceName="*tse2d1_15", ScanningSequence="SE",
+                  SequenceVariant="SK", ScanOptions=None, InversionTime=None)
+    assert main(["analyze", str(t2), "--out", str(tmp_path / "refused")]) == 3
+    problem = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert problem["code"] == "not_flair" and problem["message"]
+    assert not (tmp_path / "refused" / "result.json").exists()
+    assert main(["analyze", str(t2), "--out", str(tmp_path / "ok"), "--accept-non-flair"]) == 0
+    assert (tmp_path / "ok" / "result.json").is_file()
+    assert main(["analyze", str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["analyze", str(t2), "--out", str(tmp_path / "y"),
+                 "--model", str(tmp_path / "none.onnx")]) == 2
+    with pytest.raises(SystemExit) as usage:
+        main(["analyze", str(t2)])  # --out is required
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit) as shown:
+        main(["analyze", "--help"])
+    assert shown.value.code == 0 and "SERIES_DIR" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Where the bundled model looks
+# --------------------------------------------------------------------------------------------
+
+SEEDS = (1, 2, 3)
+CAM_RADIUS_PX = 8  # as the model card's localisation score (model_export.train)
+# Measured with the bundled demo model (flaircad-demo 0.1.0+5daa322d099b) on these seeds, on
+# the source grid: cSVD 13 of 24 lesion slices (0.54), MS 0 of 31 (0.0). The model-grid
+# protocol of model_export.train gives the same counts. Its MS Grad-CAM peaks at the image
+# border, not on lesions (the model card's 24.7 % mixes both classes). The floors are what
+# this model achieves; raise them when a better model is bundled.
+FLOOR = {"cSVD": 0.5, "MS": 0.0}
+
+
+def _mask_on_source_grid(label: str, seed: int, affine_lps: np.ndarray,
+                         shape: tuple[int, ...]) -> np.ndarray:
+    """The phantom's ground-truth lesion mask sampled at each source voxel's patient position
+    (nearest voxel), through the two affines only: independent of the code under test."""
+    phantom = generate_phantom(label, seed)
+    index = np.indices(shape).reshape(3, -1)
+    lps = affine_lps @ np.vstack([index, np.ones(index.shape[1])])
+    phantom_index = np.rint(np.linalg.solve(phantom.affine, lps)[:3]).astype(int)
+    inside = np.all((phantom_index >= 0) & (phantom_index < np.array(
+        phantom.lesion_mask.shape)[:, None]), axis=0)
+    mask = np.zeros(index.shape[1], dtype=bool)
+    mask[inside] = phantom.lesion_mask[tuple(phantom_index[:, inside])]
+    return mask.reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def cam_hits(phantom_series: PhantomFactory, engine: Engine) -> dict[str, tuple[int, int]]:
+    """Per class: (lesion slices whose CAM peak lies in the dilated lesion mask, lesion slices),
+    over axial DICOM phantoms, with the CAM mapped back to the source slices."""
+    counts = {}
+    for label in ("cSVD", "MS"):
+        hits = total = 0
+        for seed in SEEDS:
+            volume = load_series_volume(phantom_series(label=label, seed=seed))
+            prepared = preprocess(volume.array, volume.affine_lps, engine.info.preprocessing)
+            output = engine.run(prepared.model_input[None])
+            cam = cam_to_source(output.gradcam[0], prepared)
+            mask = _mask_on_source_grid(label, seed, volume.affine_lps, volume.array.shape)
+            h, n = cam_peak_hits(cam, mask, CAM_RADIUS_PX)
+            hits, total = hits + h, total + n
+        counts[label] = (hits, total)
+    return counts
+
+
+def test_bundled_model_cam_peaks_in_lesions(cam_hits: dict[str, tuple[int, int]]) -> None:
+    rates = {label: hits / total for label, (hits, total) in cam_hits.items()}
+    print(f"CAM peak in the dilated lesion mask: {cam_hits}")
+    assert all(total >= 20 for _, total in cam_hits.values())
+    for label, floor in FLOOR.items():
+        assert rates[label] >= floor, rates
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled demo model's MS Grad-CAM peaks at the image "
+                   "border (0 of 31 lesion slices); the issue asks for most lesion slices")
+def test_bundled_model_cam_peaks_in_ms_lesions_on_most_slices(
+        cam_hits: dict[str, tuple[int, int]]) -> None:
+    hits, total = cam_hits["MS"]
+    assert hits / total > 0.5
