@@ -373,3 +373,34 @@ def test_analysis_json_and_files(phantom_series: PhantomFactory, tmp_path: Path)
     written = write_outputs(analysis, tmp_path)
     assert written["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(written["sc"]) == 24 and written["sr"].is_file()
+
+
+@pytest.mark.parametrize("sample", ["siemens_xa30_t1w_mprage_enhanced",
+                                    "siemens_xa30_t1w_mprage_jpeglossless"])
+def test_real_scanner_series_give_valid_outputs(dicom_samples: Path, tmp_path: Path,
+                                                sample: str) -> None:
+    """Real Siemens headers (one enhanced multi-frame file, one classic JPEG Lossless series;
+    T1 MPRAGE, so through the research override): valid outputs, one SC per frame."""
+    folder = dicom_samples / sample / "dicom"
+    analysis = analyse(iter_folder(folder), FakeEngine(), accept_non_flair=True)
+    written = write_outputs(analysis, tmp_path)
+    sources = _sources(folder)
+    captures = analysis.sc_datasets()
+    assert len(captures) == 96
+    references = [ds.SourceImageSequence[0] for ds in captures]
+    for ds, reference in zip(captures, references, strict=True):
+        source = sources[reference.ReferencedSOPInstanceUID]
+        assert reference.ReferencedSOPClassUID == source.SOPClassUID
+        assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
+    if sample.endswith("enhanced"):  # one instance: each SC names its frame, in frame order
+        assert len(sources) == 1
+        assert [int(r.ReferencedFrameNumber) for r in references] == list(range(1, 97))
+    else:
+        assert all("ReferencedFrameNumber" not in r for r in references)
+        numbers = [int(sources[r.ReferencedSOPInstanceUID].InstanceNumber) for r in references]
+        assert numbers == sorted(numbers) and len(set(numbers)) == 96
+    for data in analysis.instances():
+        _read_strictly(data)
+    errors, seen = dciodvfy([*written["sc"], written["sr"]])
+    assert errors == []
+    assert {w for w in seen if not w.startswith(EXPECTED_WARNINGS)} == set()
