@@ -1,58 +1,73 @@
-"""The FastAPI application: thin routes over the engine."""
+"""The FastAPI application: wiring only; the routes live in :mod:`service.api`."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 
+from service import metrics
+from service.api import analyses, dicomweb, problems, system
+from service.api.deps import Runtime
 from service.config import Settings
 from service.engine import Engine
+from service.scheduler import Scheduler
+from service.spool import Spool
+from service.store import AnalysisStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "flaircad tells multiple sclerosis (MS) from cerebral small vessel disease (cSVD) on "
+    "T2-FLAIR MRI and shows why, as Grad-CAM overlays (DICOM Secondary Capture) and a DICOM "
+    "SR. RESEARCH USE ONLY - NOT FOR DIAGNOSIS."
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    state: dict[str, Any] = {}
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine(settings.model_path, settings.providers)
         engine.warm_up()
-        state["engine"] = engine
-        yield
-        state.clear()
+        spool = Spool(settings.spool_dir)
+        store = AnalysisStore(settings.spool_dir / "flaircad.sqlite")
+        scheduler = Scheduler(settings, engine, spool, store)
+        await scheduler.start()
+        metrics.MODEL_INFO.labels(name=engine.info.name, version=engine.info.version,
+                                  provider=engine.provider).set(1)
+        app.state.runtime = Runtime(settings, engine, spool, store, scheduler)
+        log.info("ready: model %s %s on %s", engine.info.name, engine.info.version,
+                 engine.provider)
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await scheduler.stop()
+            store.close()
 
-    app = FastAPI(title="flaircad", version="0.1.0", lifespan=lifespan,
-                  description="MS vs cSVD on T2-FLAIR MRI with Grad-CAM. Research use only, "
-                  "not for diagnosis.")
+    app = FastAPI(title="flaircad", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.runtime = None
+    problems.install(app)
+    app.include_router(system.router)
+    app.include_router(dicomweb.router)
+    app.include_router(analyses.router)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/readyz")
-    def readyz(response: Response) -> dict[str, str]:
-        if "engine" not in state:
-            response.status_code = 503
-            return {"status": "loading"}
-        return {"status": "ready"}
-
-    @app.get("/v1/model")
-    def model() -> dict[str, Any]:
-        engine: Engine = state["engine"]
-        info = engine.info
-        return {
-            "name": info.name,
-            "version": info.version,
-            "classes": list(info.class_names),
-            "preprocessing": asdict(info.preprocessing),
-            "provider": engine.provider,
-            "providers": list(engine.providers),
-            "intended_use": info.intended_use,
-            "architecture": info.architecture,
-            "training_summary": info.training_summary,
-        }
+    @app.middleware("http")
+    async def record_duration(request: Request,
+                              call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.HTTP_DURATION.labels(route=template, method=request.method,
+                                     status=str(response.status_code)).observe(
+            time.perf_counter() - started)
+        return response
 
     return app

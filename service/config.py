@@ -30,3 +30,15 @@ class Settings(BaseSettings):
         description="research override: run series that no FLAIR rule matches instead of "
         "refusing them (not_flair, HTTP 422)",
     )
+    spool_dir: Path = Field(
+        Path("var/flaircad"),
+        description="received instances, uploads, results and the SQLite database",
+    )
+    max_upload_bytes: int = Field(
+        2 * 1024**3, gt=0, description="largest request body accepted (HTTP 413 beyond)")
+    stability_window_s: float = Field(
+        5.0, ge=0, description="a STOW-RS series is complete after this long without new "
+        "instances")
+    workers: int = Field(1, ge=1, description="analyses run at the same time")
+    max_queue: int = Field(16, ge=1, description="analyses waiting; beyond it HTTP 503")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with HTTP 503")

@@ -1,0 +1,178 @@
+"""``/v1/analyses``: one series in, MS/cSVD probabilities and Grad-CAM DICOM out."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.api.body import media_type_of, read_parts
+from service.api.deps import Runtime, runtime, saturated_problem
+from service.api.problems import PROBLEM_JSON, Problem
+from service.api.schemas import Analysis, AnalysisList
+from service.scheduler import Saturated
+from service.spool import write_atomically
+from service.store import Record, Status
+
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_DICOM_PART_TYPES = ("", "application/dicom", "application/octet-stream")
+
+_UPLOAD_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "the instances of ONE series, as application/dicom parts",
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {"files": {"type": "array",
+                                         "items": {"type": "string", "format": "binary"}}}}},
+        },
+    },
+    "responses": {
+        "202": {"description": "accepted (Prefer: respond-async); poll the Location",
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Analysis"}}}},
+        "400": {"description": "malformed body", "content": {PROBLEM_JSON: {}}},
+        "413": {"description": "body too large", "content": {PROBLEM_JSON: {}}},
+        "415": {"description": "unsupported media type", "content": {PROBLEM_JSON: {}}},
+        "422": {"description": "not one usable FLAIR MR series (code says why)",
+                "content": {PROBLEM_JSON: {}}},
+        "503": {"description": "queue saturated; see Retry-After",
+                "content": {PROBLEM_JSON: {}}},
+    },
+}
+
+
+def view(record: Record) -> Analysis:
+    """What clients see of a stored analysis."""
+    body: dict[str, Any] = dict(record.result or {})
+    body.update({"analysis_id": record.id, "status": str(record.status),
+                 "study_instance_uid": body.get("study_instance_uid")
+                 or record.study_instance_uid,
+                 "series_instance_uid": body.get("series_instance_uid")
+                 or record.series_instance_uid})
+    if record.problem is not None:
+        body["problem"] = record.problem
+    return Analysis.model_validate(body)
+
+
+def _record_or_404(rt: Runtime, analysis_id: str) -> Record:
+    record = rt.store.get(analysis_id) if _ID.match(analysis_id) else None
+    if record is None:
+        raise Problem(404, "analysis_not_found", f"no analysis {analysis_id[:40]!r}")
+    return record
+
+
+def _finished_response(record: Record) -> Response:
+    analysis = view(record)
+    if record.status is Status.DONE:
+        return JSONResponse(analysis.model_dump(mode="json"))
+    problem = record.problem or {}
+    if record.status is Status.REJECTED:
+        raise Problem(422, str(problem.get("code", "rejected")),
+                      str(problem.get("detail", "the series cannot be analysed")),
+                      analysis_id=record.id, warnings=problem.get("warnings", []))
+    raise Problem(500, "analysis_failed", "the analysis failed; it has been logged",
+                  analysis_id=record.id)
+
+
+@router.post("", openapi_extra=_UPLOAD_DOC, response_model=Analysis,
+             summary="Analyse one series (synchronous, or async with Prefer: respond-async)")
+async def create_analysis(
+    request: Request,
+    rt: Annotated[Runtime, Depends(runtime)],
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    media = media_type_of(request, ("multipart/related", "multipart/form-data"))
+    try:
+        rt.scheduler.check_capacity()
+    except Saturated as error:
+        raise saturated_problem(error) from None
+    parts = await read_parts(request, media, rt.settings.max_upload_bytes)
+    dicom_parts = [part for part in parts
+                   if part.filename is not None or part.content_type.essence in
+                   _DICOM_PART_TYPES[1:] or (media.essence == "multipart/related"
+                                             and part.content_type.essence == "")]
+    if not dicom_parts:
+        raise Problem(400, "no_instances", "the body holds no DICOM parts")
+    unsupported = {p.content_type.essence for p in dicom_parts} - set(_DICOM_PART_TYPES)
+    if media.essence == "multipart/related" and unsupported:
+        raise Problem(415, "unsupported_media_type",
+                      f"parts of type {sorted(unsupported)} are not application/dicom")
+
+    record = rt.store.create("upload")
+    folder = rt.spool.upload_folder(record.id)
+    for index, part in enumerate(dicom_parts):
+        write_atomically(folder / f"{index:05d}.dcm", part.body)
+    files = sorted(Path(folder).glob("*.dcm"))
+    try:
+        done = rt.scheduler.submit_upload(files, record)
+    except Saturated as error:  # filled up while this body was read
+        rt.spool.remove_upload(record.id)
+        rt.store.update(record.id, Status.FAILED, problem={
+            "code": "saturated", "detail": "refused: the queue was full"})
+        raise saturated_problem(error) from None
+
+    if prefer and "respond-async" in prefer.lower():
+        return JSONResponse(view(record).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/v1/analyses/{record.id}",
+                                     "Preference-Applied": "respond-async"})
+    finished = await done
+    return _finished_response(finished)
+
+
+@router.get("", response_model=AnalysisList, summary="Analyses of a study (or the latest)")
+def list_analyses(
+    rt: Annotated[Runtime, Depends(runtime)],
+    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+) -> AnalysisList:
+    records = (rt.store.by_study(study_instance_uid) if study_instance_uid
+               else rt.store.recent())
+    return AnalysisList(analyses=[view(record) for record in records])
+
+
+@router.get("/{analysis_id}", response_model=Analysis, summary="Result or status",
+            responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
+def get_analysis(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
+    return view(_record_or_404(rt, analysis_id))
+
+
+def _outputs(rt: Runtime, record: Record) -> Path:
+    if record.status is not Status.DONE:
+        raise Problem(404, "no_outputs", f"analysis {record.id} is {record.status}, "
+                      "it has no outputs")
+    return rt.spool.result_folder(record.id)
+
+
+@router.get("/{analysis_id}/instances", response_class=Response,
+            summary="The Secondary Capture and SR instances",
+            responses={200: {"content": {'multipart/related; type="application/dicom"': {}}}})
+def get_instances(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    folder = _outputs(rt, _record_or_404(rt, analysis_id))
+    boundary = uuid.uuid4().hex
+    chunks: list[bytes] = []
+    for path in sorted(folder.rglob("*.dcm")):
+        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+                   f"Content-Length: {path.stat().st_size}\r\n\r\n".encode(),
+                   path.read_bytes(), b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return Response(b"".join(chunks), media_type=(
+        f'multipart/related; type="application/dicom"; boundary={boundary}'))
+
+
+@router.get("/{analysis_id}/preview.png", response_class=FileResponse,
+            summary="Montage of the most attended slices with their overlays",
+            responses={200: {"content": {"image/png": {}}}})
+def get_preview(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> FileResponse:
+    path = _outputs(rt, _record_or_404(rt, analysis_id)) / "preview.png"
+    if not path.is_file():
+        raise Problem(404, "no_outputs", "this analysis has no preview")
+    return FileResponse(path, media_type="image/png")

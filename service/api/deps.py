@@ -1,0 +1,35 @@
+"""What routes reach through ``request.app.state`` (set up in :func:`service.app.create_app`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.api.problems import Problem
+from service.config import Settings
+from service.engine import Engine
+from service.scheduler import Saturated, Scheduler
+from service.spool import Spool
+from service.store import AnalysisStore
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    spool: Spool
+    store: AnalysisStore
+    scheduler: Scheduler
+
+
+def runtime(request: Request) -> Runtime:
+    current: Runtime | None = getattr(request.app.state, "runtime", None)
+    if current is None:
+        raise Problem(503, "not_ready", "the service is starting", headers={"Retry-After": "5"})
+    return current
+
+
+def saturated_problem(error: Saturated) -> Problem:
+    return Problem(503, "saturated", str(error),
+                   headers={"Retry-After": str(error.retry_after_s)})

@@ -1,0 +1,97 @@
+"""Response bodies, as pydantic models: the contract documented in ``openapi.yaml``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RESEARCH_USE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    provider: str = Field(description="onnxruntime execution provider actually used")
+
+
+class Outputs(BaseModel):
+    secondary_capture_series_instance_uid: str
+    sr_sop_instance_uid: str
+    instances_url: str
+    preview_url: str
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    decode: float
+    volume: float
+    preprocess: float
+    inference: float
+    render: float
+    encode: float
+    total: float
+
+
+class ProblemBody(BaseModel):
+    """RFC 9457 problem details; ``code`` is stable, ``type`` is ``urn:flaircad:problem:<code>``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+
+
+class AnalysisProblem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    detail: str
+
+
+class Analysis(BaseModel):
+    """One analysis: its status, and the result once ``status`` is ``done``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    analysis_id: str
+    status: Literal["queued", "running", "done", "rejected", "failed"]
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    prediction: str | None = Field(None, description="class with the highest probability")
+    probabilities: dict[str, float] | None = Field(
+        None, description="per class, names from the model metadata")
+    slice_weights: list[float] | None = Field(
+        None, description="per source slice, in InstanceNumber order, summing to 1")
+    model: ModelRef | None = None
+    outputs: Outputs | None = None
+    timings_ms: Timings | None = None
+    warnings: list[str] = Field(default_factory=list)
+    problem: AnalysisProblem | None = Field(None, description="why it was rejected or failed")
+    intended_use: str = RESEARCH_USE
+
+
+class AnalysisList(BaseModel):
+    analyses: list[Analysis]
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    provider: str
+    providers: list[str]
+    intended_use: str
+    architecture: dict[str, Any]
+    training_summary: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,143 @@
+"""Analyses and their results, in SQLite (WAL): survives restarts, one writer at a time.
+
+The row holds what ``GET /v1/analyses/{id}`` returns; the DICOM outputs themselves live in the
+spool's ``results/<id>/`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+FINISHED = (Status.DONE, Status.REJECTED, Status.FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS analyses (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    source TEXT NOT NULL,
+    study_instance_uid TEXT,
+    series_instance_uid TEXT,
+    fingerprint TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    result TEXT,
+    problem TEXT
+);
+CREATE INDEX IF NOT EXISTS analyses_study ON analyses (study_instance_uid);
+CREATE INDEX IF NOT EXISTS analyses_series ON analyses (series_instance_uid, fingerprint);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    status: Status
+    source: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    fingerprint: str | None
+    created: float
+    updated: float
+    result: dict[str, Any] | None
+    problem: dict[str, Any] | None
+
+
+class AnalysisStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, source: str, study_instance_uid: str | None = None,
+               series_instance_uid: str | None = None, fingerprint: str | None = None) -> Record:
+        now = time.time()
+        analysis_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO analyses (id, status, source, study_instance_uid, "
+                "series_instance_uid, fingerprint, created, updated) VALUES (?,?,?,?,?,?,?,?)",
+                (analysis_id, Status.QUEUED, source, study_instance_uid, series_instance_uid,
+                 fingerprint, now, now))
+        record = self.get(analysis_id)
+        assert record is not None
+        return record
+
+    def update(self, analysis_id: str, status: Status, *, result: dict[str, Any] | None = None,
+               problem: dict[str, Any] | None = None, study_instance_uid: str | None = None,
+               series_instance_uid: str | None = None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE analyses SET status=?, updated=?, "
+                "result=COALESCE(?, result), problem=COALESCE(?, problem), "
+                "study_instance_uid=COALESCE(?, study_instance_uid), "
+                "series_instance_uid=COALESCE(?, series_instance_uid) WHERE id=?",
+                (status, time.time(), json.dumps(result) if result is not None else None,
+                 json.dumps(problem) if problem is not None else None, study_instance_uid,
+                 series_instance_uid, analysis_id))
+
+    def get(self, analysis_id: str) -> Record | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM analyses WHERE id=?",
+                                   (analysis_id,)).fetchone()
+        return _record(row) if row else None
+
+    def by_study(self, study_instance_uid: str) -> list[Record]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM analyses WHERE study_instance_uid=? ORDER BY created",
+                (study_instance_uid,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def recent(self, limit: int = 100) -> list[Record]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM analyses ORDER BY created DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def find_series(self, series_instance_uid: str, fingerprint: str) -> Record | None:
+        """An analysis of exactly this series content that did not fail, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM analyses WHERE series_instance_uid=? AND fingerprint=? "
+                "AND status != ? ORDER BY created DESC LIMIT 1",
+                (series_instance_uid, fingerprint, Status.FAILED)).fetchone()
+        return _record(row) if row else None
+
+    def unfinished(self) -> list[Record]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM analyses WHERE status IN (?, ?) ORDER BY created",
+                (Status.QUEUED, Status.RUNNING)).fetchall()
+        return [_record(row) for row in rows]
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    (analysis_id, status, source, study, series, fingerprint, created, updated, result,
+     problem) = row
+    return Record(analysis_id, Status(status), source, study, series, fingerprint, created,
+                  updated, json.loads(result) if result else None,
+                  json.loads(problem) if problem else None)

@@ -1,0 +1,113 @@
+"""DICOMweb STOW-RS (PS3.18 §10.5): store each part, answer with a DICOM JSON response.
+
+Every part is parsed (headers only matter here; pixels are decoded later, once) and, if usable,
+written to the spool before the response says "stored". A re-sent identical instance is
+acknowledged as stored; different bytes under a known SOP Instance UID are refused (0x0111) and
+the first copy is kept, never silently replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from service import metrics
+from service.ingest import Skipped, read_instance
+from service.multipart import Part
+from service.spool import SeriesKey, Spool, StoreOutcome, safe_uid
+
+# PS3.18 Table 10.5.3-1 / PS3.4 Annex GG failure reasons
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+STUDY_MISMATCH = 0xA900  # "data set does not match" — the study in the URL
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class StowResult:
+    stored: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # + reason, why
+    series: set[SeriesKey] = field(default_factory=set)
+
+    @property
+    def status_code(self) -> int:
+        if not self.failed:
+            return 200
+        return 202 if self.stored else 409
+
+    def to_dicom_json(self) -> dict[str, Any]:
+        response = Dataset()
+        if self.stored:
+            response.ReferencedSOPSequence = [
+                _reference(sop_class, sop_instance) for sop_class, sop_instance in self.stored]
+        if self.failed:
+            items = []
+            for sop_class, sop_instance, reason, _ in self.failed:
+                item = _reference(sop_class, sop_instance)
+                item.FailureReason = reason
+                items.append(item)
+            response.FailedSOPSequence = items
+        return response.to_json_dict()
+
+
+def _reference(sop_class: str, sop_instance: str) -> Dataset:
+    item = Dataset()
+    if sop_class:
+        item.ReferencedSOPClassUID = sop_class
+    if sop_instance:
+        item.ReferencedSOPInstanceUID = sop_instance
+    return item
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip() if value else ""
+
+
+def store_parts(parts: list[Part], spool: Spool, study_in_url: str | None,
+                source: str = "stow") -> StowResult:
+    result = StowResult()
+
+    def refuse(sop_class: str, sop_instance: str, reason: int, why: str) -> None:
+        result.failed.append((sop_class, sop_instance, reason, why))
+        metrics.INSTANCES_REFUSED.labels(reason=why).inc()
+
+    for index, part in enumerate(parts):
+        metrics.INSTANCES_RECEIVED.labels(source=source).inc()
+        media = part.content_type.essence
+        if media and media not in ("application/dicom", "application/octet-stream"):
+            refuse("", "", CANNOT_UNDERSTAND, "unsupported_part_type")
+            continue
+        parsed = read_instance(part.body, f"part {index + 1}")
+        if isinstance(parsed, Skipped):
+            refuse("", "", CANNOT_UNDERSTAND if parsed.code != "no_pixel_data"
+                   else SOP_CLASS_NOT_SUPPORTED, str(parsed.code))
+            continue
+        ds = parsed.dataset
+        sop_class, sop_instance = _text(ds, "SOPClassUID"), _text(ds, "SOPInstanceUID")
+        try:
+            key = SeriesKey(safe_uid(_text(ds, "StudyInstanceUID")),
+                            safe_uid(_text(ds, "SeriesInstanceUID")))
+            sop_instance = safe_uid(sop_instance)
+        except ValueError:
+            refuse(sop_class, "", CANNOT_UNDERSTAND, "invalid_uid")
+            continue
+        if study_in_url is not None and key.study_instance_uid != study_in_url:
+            refuse(sop_class, sop_instance, STUDY_MISMATCH, "study_mismatch")
+            continue
+        try:
+            outcome = spool.store_instance(key, sop_instance, part.body)
+        except OSError:
+            refuse(sop_class, sop_instance, OUT_OF_RESOURCES, "spool_write_failed")
+            continue
+        if outcome is StoreOutcome.CONFLICT:
+            refuse(sop_class, sop_instance, DUPLICATE_SOP_INSTANCE, "conflicting_duplicate")
+            continue
+        result.stored.append((sop_class, sop_instance))
+        if outcome is StoreOutcome.STORED:
+            result.series.add(key)
+    return result
