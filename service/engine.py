@@ -7,6 +7,8 @@ without a usable GPU and silently falls back to CPU, so "asked for" is not "got"
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -75,10 +77,16 @@ class Engine:
 
     def __init__(self, model_path: Path, providers: list[str] | tuple[str, ...]):
         if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
-            try:  # CUDA/cuDNN from pip wheels (e.g. torch's) become visible to onnxruntime
-                ort.preload_dlls()
+            # CUDA/cuDNN from pip wheels (e.g. torch's) become visible to onnxruntime. It prints
+            # its probing to stdout, which may carry a result (flaircad analyze): keep it in logs.
+            probing = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(probing):
+                    ort.preload_dlls()
             except Exception as error:
                 log.info("no CUDA libraries preloaded: %s", error)
+            if probing.getvalue().strip():
+                log.info("CUDA library probing: %s", " | ".join(probing.getvalue().split("\n")))
         available = set(ort.get_available_providers())
         requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_path), providers=requested)
