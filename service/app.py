@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from service import metrics
 from service.api import analyses, dicomweb, problems, system
 from service.api.deps import Runtime
+from service.api.middleware import RequestContext
 from service.config import Settings
 from service.engine import Engine
 from service.scheduler import Scheduler
@@ -27,28 +33,102 @@ DESCRIPTION = (
 )
 
 
+def _drain_on_sigterm(scheduler: Scheduler, grace_s: float) -> Callable[[], None]:
+    """Put a drain in front of the server's SIGTERM handler; returns the undo.
+
+    uvicorn stops listening as soon as it gets SIGTERM, so readiness could never say 503 and
+    a sync client's queued analysis would be cut off. Instead the first SIGTERM starts a drain:
+    readiness answers 503 ``draining``, new STOW-RS and analyses get 503 + Retry-After, queued
+    and running analyses finish (at most ``grace_s``); then uvicorn's own handler runs and
+    shuts down as usual. A second SIGTERM goes straight to uvicorn. Signals exist only in the
+    main thread: a server run in another thread (tests) keeps its plain behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    started = False
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        else:  # no server handler (SIG_DFL): behave as if we had not been here
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    async def drain_then_exit(signum: int) -> None:
+        await scheduler.drain(grace_s)
+        pass_on(signum, None)
+
+    def start_drain(signum: int) -> None:
+        task = loop.create_task(drain_then_exit(signum))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        nonlocal started
+        if started:
+            pass_on(signum, frame)
+            return
+        started = True
+        log.info("SIGTERM: draining", extra={"grace_s": grace_s})
+        loop.call_soon_threadsafe(start_drain, signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _cuda_device_id(engine: Engine) -> int:
+    options: dict[str, Any] = engine.session.get_provider_options().get(
+        "CUDAExecutionProvider", {})
+    try:
+        return int(options.get("device_id", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.forget_dead_processes()  # multiprocess mode: siblings that died unannounced
+        started = time.perf_counter()
         engine = Engine(settings.model_path, settings.providers)
         engine.warm_up()
+        warm_up_ms = round((time.perf_counter() - started) * 1000, 1)
         spool = Spool(settings.spool_dir)
         store = AnalysisStore(settings.spool_dir / "flaircad.sqlite")
         scheduler = Scheduler(settings, engine, spool, store)
         await scheduler.start()
         metrics.MODEL_INFO.labels(name=engine.info.name, version=engine.info.version,
                                   provider=engine.provider).set(1)
-        app.state.runtime = Runtime(settings, engine, spool, store, scheduler)
-        log.info("ready: model %s %s on %s", engine.info.name, engine.info.version,
-                 engine.provider)
+        collectors: list[Any] = [metrics.SpoolCollector(settings.spool_dir,
+                                                        settings.spool_scan_interval_s)]
+        gpu = metrics.GpuCollector.create(engine.provider, _cuda_device_id(engine))
+        if gpu is not None:
+            collectors.append(gpu)
+        app.state.runtime = Runtime(settings, engine, spool, store, scheduler, warm_up_ms,
+                                    collectors)
+        restore_sigterm = _drain_on_sigterm(scheduler, settings.shutdown_grace_s)
+        log.info("ready", extra={"model": engine.info.name, "model_version": engine.info.version,
+                                 "provider": engine.provider, "load_and_warm_up_ms": warm_up_ms,
+                                 "gpu_metrics": gpu is not None})
         try:
             yield
         finally:
+            restore_sigterm()
+            # Also when shut down without our SIGTERM handler (plain uvicorn, SIGINT): finish
+            # what was accepted, within the grace period. Results stay readable meanwhile.
+            await scheduler.stop(settings.shutdown_grace_s)
             app.state.runtime = None
-            await scheduler.stop()
             store.close()
+            metrics.mark_this_process_dead()
 
     app = FastAPI(title="flaircad", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
@@ -57,17 +137,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(dicomweb.router)
     app.include_router(analyses.router)
-
-    @app.middleware("http")
-    async def record_duration(request: Request,
-                              call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.HTTP_DURATION.labels(route=template, method=request.method,
-                                     status=str(response.status_code)).observe(
-            time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestContext)
     return app

@@ -33,16 +33,48 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging.config
+    import os
+    import shutil
+    import tempfile
+
     import uvicorn
 
-    from service.app import create_app
+    from service import logs
     from service.config import Settings
 
-    overrides = {"model_path": args.model} if args.model else {}
-    settings = Settings(**overrides)
-    print(RESEARCH_NOTICE, file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host or settings.host,
-                port=args.port or settings.port)
+    # Command-line values travel as FLAIRCAD_* variables: with --workers the worker processes
+    # build their own Settings from the environment.
+    for name, value in (("MODEL_PATH", args.model), ("HOST", args.host), ("PORT", args.port),
+                        ("HTTP_WORKERS", args.workers)):
+        if value is not None:
+            os.environ[f"FLAIRCAD_{name}"] = str(value)
+    settings = Settings()
+    log_config = logs.config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    logging.getLogger("service.cli").warning(RESEARCH_NOTICE)
+    workers = settings.http_workers
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    created = False
+    if workers > 1 and not metrics_dir:
+        metrics_dir, created = tempfile.mkdtemp(prefix="flaircad-metrics-"), True
+    if metrics_dir:
+        # prometheus-client multiprocess mode: the variable must be set before any worker
+        # imports prometheus_client, and the folder must not hold a previous run's files.
+        os.makedirs(metrics_dir, exist_ok=True)
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "service.app:create_app", factory=True, host=settings.host, port=settings.port,
+            workers=workers, log_config=log_config, log_level=settings.log_level.lower(),
+            access_log=False,  # the request middleware logs each request (route template)
+            # connections still open once the analyses have drained get this long
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+    finally:
+        if created and metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -161,6 +193,13 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaircad",
@@ -186,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="run the HTTP service",
-        description="Run the flaircad HTTP service (settings from FLAIRCAD_* variables).",
+        description="Run the flaircad HTTP service (settings from FLAIRCAD_* variables). Logs "
+        "are JSON lines on stderr. SIGTERM drains: readiness turns 503, queued and running "
+        "analyses finish within FLAIRCAD_SHUTDOWN_GRACE_S, then the server exits.",
     )
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="listen address (FLAIRCAD_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (FLAIRCAD_PORT, default 8000)")
     serve.add_argument("--model", type=Path, help="ONNX model (default: the bundled demo)")
+    serve.add_argument("--workers", type=_positive, metavar="N",
+                       help="uvicorn worker processes (FLAIRCAD_HTTP_WORKERS, default 1); "
+                       "FLAIRCAD_WORKERS is the analysis threads of each")
     serve.set_defaults(func=_serve)
 
     inspect = commands.add_parser(

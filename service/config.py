@@ -39,6 +39,21 @@ class Settings(BaseSettings):
     stability_window_s: float = Field(
         5.0, ge=0, description="a STOW-RS series is complete after this long without new "
         "instances")
-    workers: int = Field(1, ge=1, description="analyses run at the same time")
+    workers: int = Field(1, ge=1, description="analysis worker threads per process: analyses "
+                         "run at the same time in one process")
+    http_workers: int = Field(
+        1, ge=1, description="uvicorn worker processes (`flaircad serve --workers`); each has "
+        "its own analysis threads and queue; metrics are merged (prometheus-client "
+        "multiprocess mode)")
     max_queue: int = Field(16, ge=1, description="analyses waiting; beyond it HTTP 503")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with HTTP 503")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM: how long queued and running analyses may take to "
+        "finish while readiness answers 503; what is left resumes on the next start")
+    log_level: str = Field("info", pattern="^(?i:debug|info|warning|error|critical)$",
+                           description="JSON logs on stderr from this level up")
+    spool_scan_interval_s: float = Field(
+        15.0, ge=0, description="flaircad_spool_bytes walks the spool at most this often")
+    orphan_sweep_interval_s: float = Field(
+        30.0, gt=0, description="how often a process looks for analyses left by a process "
+        "that died (several workers), to run them")

@@ -11,6 +11,11 @@ import contextlib
 import io
 import json
 import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,30 @@ log = logging.getLogger(__name__)
 REQUIRED_METADATA = ("class_names", "preprocessing", "model_version", "architecture",
                      "training_summary", "intended_use", "source_checkpoint_sha256")
 OUTPUT_NAMES = ("probabilities", "logits", "slice_weights", "spatial_attention", "gradcam")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _native_stderr_logged() -> Iterator[None]:
+    """Catch what onnxruntime's C++ code writes to file descriptor 2 while a session is made
+    (why a CUDA provider could not load, coloured, plain text) and log it instead: the service
+    logs one JSON object per line on stderr, and this would break that."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace")
+    for line in _ANSI.sub("", text).splitlines():
+        if line.strip():
+            log.warning("onnxruntime: %s", line.strip())
 
 
 class ModelContractError(ValueError):
@@ -89,7 +118,11 @@ class Engine:
                 log.info("CUDA library probing: %s", " | ".join(probing.getvalue().split("\n")))
         available = set(ort.get_available_providers())
         requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), providers=requested)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only from the session's own logger
+        with _native_stderr_logged():
+            self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                providers=requested)
         self.requested_providers = tuple(requested)
         self.providers = tuple(self.session.get_providers())
         self.provider = self.providers[0]

@@ -10,6 +10,15 @@
 * Analyses run in worker threads (the event loop stays free); onnxruntime releases the GIL.
 * On start, unfinished analyses are re-queued and spooled series without an analysis are
   picked up again, so a restart loses nothing.
+* Several processes (uvicorn workers) may run one scheduler each over the same spool and
+  database. Instances of one series may reach different processes, so "complete" is judged
+  from the series folder's mtime (shared), not from what this process saw, and the analysis is
+  claimed atomically in SQLite (:meth:`AnalysisStore.claim_series`): it runs once. Each process
+  holds a lease; analyses of a process that died are taken over by another (or by the next
+  start).
+* Draining (SIGTERM): no new work is accepted (:class:`Draining`, HTTP 503), queued and running
+  analyses go on until the queue is empty or the grace period is over; what is left stays
+  ``queued``/``running`` in the store and resumes on the next start.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import metrics
+from service import logs, metrics
 from service.config import Settings
 from service.engine import Engine
 from service.spool import SeriesKey, Spool
@@ -35,9 +44,21 @@ log = logging.getLogger(__name__)
 
 
 class Saturated(Exception):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"the analysis queue is full; retry after {retry_after_s} s")
+    """No new work now (HTTP 503 with Retry-After); ``code`` says why."""
+
+    code = "saturated"
+
+    def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
+        super().__init__(detail or f"the analysis queue is full; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class Draining(Saturated):
+    code = "draining"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(retry_after_s, "the service is shutting down; retry after "
+                         f"{retry_after_s} s (another instance may take it)")
 
 
 @dataclass
@@ -46,6 +67,7 @@ class _Job:
     files: list[Path]
     done: asyncio.Future[Record]
     enqueued: float
+    request_id: str | None = None
 
 
 def result_urls(analysis_id: str) -> dict[str, str]:
@@ -69,33 +91,70 @@ class Scheduler:
         self._arriving: dict[SeriesKey, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
+        self._draining = False
+        self._drain_deadline: float | None = None
+        self._drain_reported = False
+        self._lease = spool.acquire_lease()
         self._rules: Any = None
         if settings.flair_rules is not None:
             from service.flair import load_rules
             self._rules = load_rules(settings.flair_rules)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def owner(self) -> str:
+        return self._lease.token
+
     async def start(self) -> None:
-        for record in self.store.unfinished():
-            files = self._files_of(record)
-            if files:
-                self._enqueue(record, files, force=True)
-            else:
-                self.store.update(record.id, Status.FAILED, problem={
-                    "code": "input_lost", "detail": "the spooled input is gone"})
+        self._take_over_orphans()
         now = time.monotonic()
         for key in self.spool.pending_series():
             self._arriving.setdefault(key, now)
+        metrics.SERIES_ARRIVING.set(len(self._arriving))
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
         self._tasks.append(asyncio.create_task(self._watch_stable_series()))
+        self._tasks.append(asyncio.create_task(self._sweep_orphans()))
 
-    async def stop(self) -> None:
+    def begin_drain(self) -> None:
+        if not self._draining:
+            self._draining = True
+            metrics.DRAINING.set(1)
+            log.info("draining: no new work accepted", extra={
+                "queued": self.queue_depth, "in_flight": self._in_flight,
+                "series_in_stability_window": len(self._arriving)})
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop taking work and wait until the queued and running analyses are done, at most
+        ``grace_s``; True when nothing is left."""
+        self.begin_drain()
+        if self._drain_deadline is None:  # one grace period, however often this is called
+            self._drain_deadline = time.monotonic() + grace_s
+        deadline = self._drain_deadline
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self._drain_reported:  # the SIGTERM handler and the shutdown both come here
+            self._drain_reported = True
+            if self.idle:
+                log.info("drained: every accepted analysis has finished")
+            else:
+                log.warning("grace period over: unfinished analyses resume on the next start",
+                            extra={"queued": self.queue_depth, "in_flight": self._in_flight})
+        return self.idle
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        drained = await self.drain(grace_s)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._executor.shutdown(wait=True)
+        # Past the grace period a running analysis is abandoned (its row stays "running" and
+        # is taken over later); waiting for it here would stretch the grace period.
+        self._executor.shutdown(wait=drained, cancel_futures=True)
+        if drained:
+            self._lease.release()
+        # else: the lease goes when the process does, so no sibling takes over an analysis
+        # whose thread still runs here.
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -107,10 +166,24 @@ class Scheduler:
         return self._queue.qsize() >= self.settings.max_queue
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.qsize() == 0 and self._in_flight == 0
+
+    @property
     def arriving(self) -> int:
         return len(self._arriving)
 
     def check_capacity(self) -> None:
+        if self._draining:
+            raise Draining(self.settings.retry_after_s)
         if self.saturated:
             raise Saturated(self.settings.retry_after_s)
 
@@ -121,7 +194,7 @@ class Scheduler:
 
     def submit_upload(self, files: list[Path], record: Record) -> asyncio.Future[Record]:
         """Queue an uploaded series (already spooled under ``record``); :class:`Saturated`
-        when the queue is full."""
+        when the queue is full, :class:`Draining` when shutting down."""
         return self._enqueue(record, files)
 
     # -- internals ---------------------------------------------------------------------------
@@ -136,24 +209,66 @@ class Scheduler:
     def _enqueue(self, record: Record, files: list[Path], force: bool = False
                  ) -> asyncio.Future[Record]:
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        job = _Job(record, files, future, time.monotonic())
-        if self.saturated and not force:
-            raise Saturated(self.settings.retry_after_s)
+        job = _Job(record, files, future, time.monotonic(), logs.REQUEST_ID.get())
+        if not force:
+            self.check_capacity()
         self._queue.put_nowait(job)
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        log.info("analysis queued", extra={"analysis_id": record.id, "source": record.source,
+                                           "queue_depth": self._queue.qsize()})
         return future
+
+    def _take_over_orphans(self) -> int:
+        """Queue the unfinished analyses whose owner process is gone (all of them at start,
+        when this is the only process)."""
+        taken = 0
+        for record in self.store.unfinished():
+            if record.owner == self.owner or self.spool.owner_alive(record.owner):
+                continue
+            if not self.store.take_over(record.id, record.owner, self.owner):
+                continue  # another process was quicker
+            taken += 1
+            files = self._files_of(record)
+            if files:
+                self._enqueue(record, files, force=True)
+                log.info("analysis taken over from a process that is gone",
+                         extra={"analysis_id": record.id})
+            else:
+                self.store.update(record.id, Status.FAILED, problem={
+                    "code": "input_lost", "detail": "the spooled input is gone"})
+        return taken
+
+    async def _sweep_orphans(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.orphan_sweep_interval_s)
+            if self._draining:
+                continue
+            try:
+                self._take_over_orphans()
+            except Exception:  # the database busy for 30 s, say: try again next time
+                log.exception("orphan sweep failed")
 
     async def _watch_stable_series(self) -> None:
         window = self.settings.stability_window_s
         period = max(0.05, min(0.5, window / 4))
         while True:
             await asyncio.sleep(period)
+            if self._draining:  # left in the spool; the next start picks them up
+                continue
             now = time.monotonic()
             for key, last in sorted(self._arriving.items(), key=lambda item: item[1]):
                 if now - last < window or self.saturated:
                     continue
+                # Another process may have received instances of it since: the folder knows.
+                age = self.spool.series_age_s(key)
+                if age is not None and age < window:
+                    self._arriving[key] = now - age
+                    continue
                 del self._arriving[key]
-                self._series_complete(key)
+                try:
+                    self._series_complete(key)
+                except Exception:  # one bad series folder must not stop the watcher
+                    log.exception("cannot queue a complete series")
             metrics.SERIES_ARRIVING.set(len(self._arriving))
 
     def _series_complete(self, key: SeriesKey) -> None:
@@ -165,20 +280,26 @@ class Scheduler:
         if existing is not None:
             log.info("series already analysed", extra={"analysis_id": existing.id})
             return
-        record = self.store.create("stow", key.study_instance_uid, key.series_instance_uid,
-                                   fingerprint)
-        self._enqueue(record, files)
+        record = self.store.claim_series(key.study_instance_uid, key.series_instance_uid,
+                                         fingerprint, self.owner)
+        if record is None:
+            log.info("series claimed by another process")
+            return
+        log.info("series complete", extra={"analysis_id": record.id,
+                                           "n_instances": len(files)})
+        self._enqueue(record, files, force=True)  # checked: the watcher skips when saturated
 
     async def _worker(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             job = await self._queue.get()
             metrics.QUEUE_DEPTH.set(self._queue.qsize())
-            metrics.QUEUE_WAIT.observe(time.monotonic() - job.enqueued)
+            waited = time.monotonic() - job.enqueued
+            metrics.QUEUE_WAIT.observe(waited)
             self._in_flight += 1
             metrics.IN_FLIGHT.inc()
             try:
-                record = await loop.run_in_executor(self._executor, self._run, job)
+                record = await loop.run_in_executor(self._executor, self._run, job, waited)
             except Exception as error:  # _run records its own failures; this is a last resort
                 log.exception("analysis worker error")
                 record = job.record
@@ -192,45 +313,57 @@ class Scheduler:
                 metrics.IN_FLIGHT.dec()
                 self._queue.task_done()
 
-    def _run(self, job: _Job) -> Record:
+    def _run(self, job: _Job, waited_s: float = 0.0) -> Record:
         """One analysis, in a worker thread; every outcome ends up in the store."""
+        analysis_token = logs.ANALYSIS_ID.set(job.record.id)
+        request_token = logs.REQUEST_ID.set(job.request_id)
+        try:
+            return self._run_logged(job, waited_s)
+        finally:
+            logs.REQUEST_ID.reset(request_token)
+            logs.ANALYSIS_ID.reset(analysis_token)
+
+    def _run_logged(self, job: _Job, waited_s: float) -> Record:
         from service.analysis import AnalysisRejected, write_outputs
 
         record = job.record
         self.store.update(record.id, Status.RUNNING)
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        prediction: str | None = None
         try:
             analysis = self._analyse(job.files, self.engine, rules=self._rules,
                                      accept_non_flair=self.settings.accept_non_flair)
-        except AnalysisRejected as rejected:
-            problem = {"code": rejected.code, "detail": rejected.message,
-                       "warnings": [str(w) for w in getattr(rejected, "warnings", ())]}
-            self.store.update(record.id, Status.REJECTED, problem=problem)
-            metrics.SERIES_ANALYSED.labels(outcome=f"rejected:{rejected.code}").inc()
-            log.info("analysis rejected", extra={"analysis_id": record.id,
-                                                 "code": rejected.code})
-        except Exception as error:
-            self.store.update(record.id, Status.FAILED, problem={
-                "code": "analysis_failed", "detail": f"{type(error).__name__}: {error}"})
-            metrics.SERIES_ANALYSED.labels(outcome="failed").inc()
-            log.exception("analysis failed", extra={"analysis_id": record.id})
-        else:
             folder = self.spool.result_folder(record.id)
             write_outputs(analysis, folder)
             result = analysis.to_json()
             result.update({"analysis_id": record.id, "status": str(Status.DONE)})
             result.setdefault("outputs", {}).update(result_urls(record.id))
             (folder / "result.json").write_text(json.dumps(result, indent=2))
+        except AnalysisRejected as rejected:
+            problem = {"code": rejected.code, "detail": rejected.message,
+                       "warnings": [str(w) for w in getattr(rejected, "warnings", ())]}
+            self.store.update(record.id, Status.REJECTED, problem=problem)
+            outcome = f"rejected:{rejected.code}"
+        except Exception as error:
+            self.store.update(record.id, Status.FAILED, problem={
+                "code": "analysis_failed", "detail": f"{type(error).__name__}: {error}"})
+            outcome = "failed"
+            log.exception("analysis failed")
+        else:
             self.store.update(record.id, Status.DONE, result=result,
                               study_instance_uid=analysis.study_instance_uid,
                               series_instance_uid=analysis.series_instance_uid)
-            metrics.SERIES_ANALYSED.labels(outcome="ok").inc()
-            metrics.PREDICTIONS.labels(**{"class": analysis.prediction}).inc()
-            for stage, ms in analysis.timings_ms.items():
+            outcome, prediction, timings = "ok", analysis.prediction, analysis.timings_ms
+            metrics.PREDICTIONS.labels(**{"class": prediction}).inc()
+            for stage, ms in timings.items():
                 metrics.STAGE_DURATION.labels(stage=stage).observe(ms / 1000)
-            log.info("analysis done", extra={
-                "analysis_id": record.id, "prediction": analysis.prediction,
-                "total_ms": round((time.perf_counter() - started) * 1000, 1)})
+        metrics.SERIES_ANALYSED.labels(outcome=outcome).inc()
+        # ids, outcome, class and timings only: never UIDs or other DICOM values
+        log.info("analysis finished", extra={
+            "source": record.source, "outcome": outcome, "prediction": prediction,
+            "timings_ms": timings, "queue_wait_ms": round(waited_s * 1000, 1),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
         if record.source == "upload":
             self.spool.remove_upload(record.id)
         final = self.store.get(record.id)

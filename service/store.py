@@ -2,10 +2,17 @@
 
 The row holds what ``GET /v1/analyses/{id}`` returns; the DICOM outputs themselves live in the
 spool's ``results/<id>/`` folder.
+
+Several server processes share one database (``flaircad serve --workers N``). Each row names
+its ``owner``, the lease token of the process that queued it (:meth:`service.spool.Spool.
+acquire_lease`); a STOW-RS series is claimed for analysis in one transaction that holds
+SQLite's write lock (:meth:`AnalysisStore.claim_series`), so two processes that both see the
+series complete cannot both analyse it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -38,11 +45,15 @@ CREATE TABLE IF NOT EXISTS analyses (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     result TEXT,
-    problem TEXT
+    problem TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS analyses_study ON analyses (study_instance_uid);
 CREATE INDEX IF NOT EXISTS analyses_series ON analyses (series_instance_uid, fingerprint);
 """
+# explicit, so that a database whose owner column was added later reads the same
+_COLUMNS = ("id, status, source, study_instance_uid, series_instance_uid, fingerprint, created, "
+            "updated, result, problem, owner")
 
 
 @dataclass(frozen=True)
@@ -57,34 +68,81 @@ class Record:
     updated: float
     result: dict[str, Any] | None
     problem: dict[str, Any] | None
+    owner: str | None = None
 
 
 class AnalysisStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # other processes may hold the write lock for a moment: wait rather than fail
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(analyses)")}
+        if "owner" not in columns:  # a database from before leases
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                self._db.execute("ALTER TABLE analyses ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def create(self, source: str, study_instance_uid: str | None = None,
-               series_instance_uid: str | None = None, fingerprint: str | None = None) -> Record:
-        now = time.time()
+               series_instance_uid: str | None = None, fingerprint: str | None = None,
+               owner: str | None = None) -> Record:
         analysis_id = uuid.uuid4().hex
         with self._lock:
-            self._db.execute(
-                "INSERT INTO analyses (id, status, source, study_instance_uid, "
-                "series_instance_uid, fingerprint, created, updated) VALUES (?,?,?,?,?,?,?,?)",
-                (analysis_id, Status.QUEUED, source, study_instance_uid, series_instance_uid,
-                 fingerprint, now, now))
+            self._insert(analysis_id, source, study_instance_uid, series_instance_uid,
+                         fingerprint, owner)
         record = self.get(analysis_id)
         assert record is not None
         return record
+
+    def _insert(self, analysis_id: str, source: str, study_instance_uid: str | None,
+                series_instance_uid: str | None, fingerprint: str | None,
+                owner: str | None) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO analyses (id, status, source, study_instance_uid, series_instance_uid, "
+            "fingerprint, created, updated, owner) VALUES (?,?,?,?,?,?,?,?,?)",
+            (analysis_id, Status.QUEUED, source, study_instance_uid, series_instance_uid,
+             fingerprint, now, now, owner))
+
+    def claim_series(self, study_instance_uid: str, series_instance_uid: str, fingerprint: str,
+                     owner: str) -> Record | None:
+        """A new queued analysis of this STOW-RS series content for ``owner``, or None when
+        one that did not fail exists already. Atomic across processes: BEGIN IMMEDIATE takes
+        the database's write lock before the look-up."""
+        analysis_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                taken = self._db.execute(
+                    "SELECT 1 FROM analyses WHERE series_instance_uid=? AND fingerprint=? "
+                    "AND status != ? LIMIT 1",
+                    (series_instance_uid, fingerprint, Status.FAILED)).fetchone()
+                if taken is None:
+                    self._insert(analysis_id, "stow", study_instance_uid, series_instance_uid,
+                                 fingerprint, owner)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None if taken is not None else self.get(analysis_id)
+
+    def take_over(self, analysis_id: str, previous_owner: str | None, owner: str) -> bool:
+        """Make ``owner`` the owner of an unfinished analysis if ``previous_owner`` still is
+        (compare-and-set: of several processes only one wins)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE analyses SET owner=?, status=?, updated=? WHERE id=? AND owner IS ? "
+                "AND status IN (?, ?)",
+                (owner, Status.QUEUED, time.time(), analysis_id, previous_owner, Status.QUEUED,
+                 Status.RUNNING))
+            return cursor.rowcount == 1
 
     def update(self, analysis_id: str, status: Status, *, result: dict[str, Any] | None = None,
                problem: dict[str, Any] | None = None, study_instance_uid: str | None = None,
@@ -101,28 +159,29 @@ class AnalysisStore:
 
     def get(self, analysis_id: str) -> Record | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM analyses WHERE id=?",
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM analyses WHERE id=?",
                                    (analysis_id,)).fetchone()
         return _record(row) if row else None
 
     def by_study(self, study_instance_uid: str) -> list[Record]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM analyses WHERE study_instance_uid=? ORDER BY created",
+                f"SELECT {_COLUMNS} FROM analyses WHERE study_instance_uid=? ORDER BY created",
                 (study_instance_uid,)).fetchall()
         return [_record(row) for row in rows]
 
     def recent(self, limit: int = 100) -> list[Record]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM analyses ORDER BY created DESC LIMIT ?",
-                                    (limit,)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM analyses ORDER BY created DESC LIMIT ?",
+                (limit,)).fetchall()
         return [_record(row) for row in rows]
 
     def find_series(self, series_instance_uid: str, fingerprint: str) -> Record | None:
         """An analysis of exactly this series content that did not fail, if any."""
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM analyses WHERE series_instance_uid=? AND fingerprint=? "
+                f"SELECT {_COLUMNS} FROM analyses WHERE series_instance_uid=? AND fingerprint=? "
                 "AND status != ? ORDER BY created DESC LIMIT 1",
                 (series_instance_uid, fingerprint, Status.FAILED)).fetchone()
         return _record(row) if row else None
@@ -130,14 +189,14 @@ class AnalysisStore:
     def unfinished(self) -> list[Record]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM analyses WHERE status IN (?, ?) ORDER BY created",
+                f"SELECT {_COLUMNS} FROM analyses WHERE status IN (?, ?) ORDER BY created",
                 (Status.QUEUED, Status.RUNNING)).fetchall()
         return [_record(row) for row in rows]
 
 
 def _record(row: tuple[Any, ...]) -> Record:
     (analysis_id, status, source, study, series, fingerprint, created, updated, result,
-     problem) = row
+     problem, owner) = row
     return Record(analysis_id, Status(status), source, study, series, fingerprint, created,
                   updated, json.loads(result) if result else None,
-                  json.loads(problem) if problem else None)
+                  json.loads(problem) if problem else None, owner)

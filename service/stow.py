@@ -108,6 +108,7 @@ def store_parts(parts: list[Part], spool: Spool, study_in_url: str | None,
             refuse(sop_class, sop_instance, DUPLICATE_SOP_INSTANCE, "conflicting_duplicate")
             continue
         result.stored.append((sop_class, sop_instance))
-        if outcome is StoreOutcome.STORED:
-            result.series.add(key)
+        # A re-sent instance also means the sender is still at it: the series' stability
+        # window restarts (its content, and so its analysis, stays the same).
+        result.series.add(key)
     return result

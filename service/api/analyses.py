@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from service import metrics
 from service.api.body import media_type_of, read_parts
 from service.api.deps import Runtime, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
@@ -108,7 +109,8 @@ async def create_analysis(
         raise Problem(415, "unsupported_media_type",
                       f"parts of type {sorted(unsupported)} are not application/dicom")
 
-    record = rt.store.create("upload")
+    metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
+    record = rt.store.create("upload", owner=rt.scheduler.owner)
     folder = rt.spool.upload_folder(record.id)
     for index, part in enumerate(dicom_parts):
         write_atomically(folder / f"{index:05d}.dcm", part.body)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
+from prometheus_client.registry import Collector
 
 from service.api.problems import Problem
 from service.config import Settings
@@ -21,6 +22,8 @@ class Runtime:
     spool: Spool
     store: AnalysisStore
     scheduler: Scheduler
+    warm_up_ms: float = 0.0
+    collectors: list[Collector] = field(default_factory=list)  # scraped with /metrics
 
 
 def runtime(request: Request) -> Runtime:
@@ -31,5 +34,6 @@ def runtime(request: Request) -> Runtime:
 
 
 def saturated_problem(error: Saturated) -> Problem:
-    return Problem(503, "saturated", str(error),
+    """503 + Retry-After; ``code`` is ``saturated`` (queue full) or ``draining`` (SIGTERM)."""
+    return Problem(503, error.code, str(error),
                    headers={"Retry-After": str(error.retry_after_s)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,6 +15,8 @@ from service.api.problems import PROBLEM_JSON, Problem
 from service.scheduler import Saturated
 from service.spool import safe_uid
 from service.stow import store_parts
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
@@ -58,6 +62,10 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
     result = store_parts(parts, rt.spool, study)
     for key in result.series:
         rt.scheduler.note_arrival(key)
+    # counts and reason codes; the UIDs stay out of the log (service.logs)
+    log.info("stow", extra={"stored": len(result.stored), "refused": len(result.failed),
+                            "refused_reasons": dict(Counter(why for *_, why in result.failed)),
+                            "series": len(result.series)})
     # dicomweb-client ignores the body unless the type is exactly application/dicom+json.
     return JSONResponse(result.to_dicom_json(), status_code=result.status_code,
                         media_type=DICOM_JSON)

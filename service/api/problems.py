@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.middleware import route_template
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -75,7 +77,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        # A bug, not the client's fault; the traceback goes to the log (never request data).
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # A bug, not the client's fault; the traceback goes to the log (never request data:
+        # the route template, not the path, which may hold a UID).
+        log.exception("unhandled error", extra={"method": request.method,
+                                                "route": route_template(request.scope)})
         return problem_response(Problem(500, "internal_error", "an internal error occurred; "
                                         "it has been logged"), request.url.path)

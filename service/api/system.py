@@ -2,36 +2,66 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import metrics
 from service.api.deps import Runtime, runtime
 from service.api.schemas import Health, ModelDescription
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/healthz", response_model=Health, summary="The process is alive")
+@router.get("/healthz", response_model=Health,
+            summary="The process is alive (also while draining)")
 def healthz() -> Health:
     return Health(status="alive")
 
 
-@router.get("/readyz", response_model=Health, summary="Model loaded and warmed, queue not full",
-            responses={503: {"model": Health}})
+_READINESS: dict[int | str, dict[str, Any]] = {
+    200: {"model": Health, "description": "ready: model loaded and warmed, spool writable, "
+          "queue not full"},
+    503: {"model": Health, "description": "`loading`, `draining` (SIGTERM received), "
+          "`saturated` (queue full) or `unready` (a check failed); `checks` says which"},
+}
+
+
+@router.get("/readyz", response_model=Health, responses=_READINESS,
+            summary="Model loaded and warmed, spool writable, queue not full, not draining")
 def readyz(request: Request) -> Response:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return JSONResponse(Health(status="loading").model_dump(), status_code=503)
-    checks = {"model": "loaded", "provider": rt.engine.provider,
-              "queue_depth": rt.scheduler.queue_depth, "max_queue": rt.settings.max_queue}
-    if rt.scheduler.saturated:
-        return JSONResponse(Health(status="saturated", checks=checks).model_dump(),
-                            status_code=503)
-    return JSONResponse(Health(status="ready", checks=checks).model_dump())
+    scheduler = rt.scheduler
+    checks: dict[str, Any] = {
+        "model": {"ok": True, "name": rt.engine.info.name, "version": rt.engine.info.version,
+                  "provider": rt.engine.provider, "warmed": True,
+                  "load_and_warm_up_ms": rt.warm_up_ms},
+        "queue": {"ok": not scheduler.saturated, "depth": scheduler.queue_depth,
+                  "max": rt.settings.max_queue, "in_flight": scheduler.in_flight},
+        "draining": {"ok": not scheduler.draining},
+    }
+    try:  # actually write, as a STOW-RS instance would be written
+        rt.spool.probe_writable()
+        checks["spool"] = {"ok": True}
+    except OSError as error:  # the code only: the message would carry the path
+        checks["spool"] = {"ok": False,
+                           "error": errno.errorcode.get(error.errno or 0, type(error).__name__)}
+    if scheduler.draining:
+        status = "draining"
+    elif all(check["ok"] for check in checks.values()):
+        status = "ready"
+    elif not checks["queue"]["ok"] and checks["spool"]["ok"]:
+        status = "saturated"
+    else:
+        status = "unready"
+    return JSONResponse(Health(status=status, checks=checks).model_dump(),
+                        status_code=200 if status == "ready" else 503)
 
 
 @router.get("/v1/model", response_model=ModelDescription, summary="The loaded model")
@@ -44,7 +74,10 @@ def model(rt: Annotated[Runtime, Depends(runtime)]) -> ModelDescription:
         architecture=info.architecture, training_summary=info.training_summary)
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+@router.get("/metrics", response_class=Response,
+            summary="Prometheus metrics (all worker processes merged)",
             responses={200: {"content": {"text/plain": {}}}})
-def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def prometheus_metrics(request: Request) -> Response:
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    return Response(metrics.exposition(rt.collectors if rt is not None else ()),
+                    media_type=CONTENT_TYPE_LATEST)
