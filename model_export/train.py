@@ -57,6 +57,9 @@ class TrainConfig:
     frozen_epochs: int = 0
     finetune_lr: float | None = None  # end-to-end phase after a frozen one; None: lr
     # Weight of the Grad-CAM ↔ spatial-attention consistency term (0: off, as in the paper).
+    # Measured on the demo (2 CPU cores): on frozen features it lifted the CAM-in-lesion
+    # rate from 19 % to 63 % in 6 epochs at equal AUC; end to end at 0.2 it cost 15 points of
+    # validation BA in 2 epochs, so the demo preset leaves it off.
     cam_weight: float = 0.0
     flips: bool = False
     seed: int = 0
@@ -70,7 +73,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "demo": (
         ModelConfig(depth=18, base_width=16, output_stage=3),
         TrainConfig(epochs=5, patience=8, lr=1e-3, batch_size=8, flips=True, frozen_epochs=25,
-                    kl_weight=0.0, finetune_lr=1e-4, cam_weight=0.2),
+                    kl_weight=0.0, finetune_lr=1e-4),
     ),
     # For tests: seconds per epoch.
     "tiny": (
@@ -165,7 +168,8 @@ def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int]
     """Phase 1 (``frozen_epochs``): backbone frozen, its features computed once, attention and
     head trained on them (fast, the usual first step of transfer learning). Phase 2
     (``epochs``): everything trained end to end on augmented volumes. Both early-stop on
-    validation balanced accuracy; the best state over both phases is kept."""
+    validation balanced accuracy; the best state over both phases is kept (over phase 2 alone
+    when the Grad-CAM consistency term is on, since only phase 2 trains it)."""
     seed_everything(cfg.seed)
     model = AttentionClassifier(model_config)
     if pretrained is not None:
@@ -214,6 +218,13 @@ def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int]
             lr = cfg.finetune_lr
         optimiser = torch.optim.Adam(phase.parameters, lr=lr)
         stale = 0
+        # The explanation term acts end to end only: on a head that already classifies (a
+        # fresh head would trade accuracy for it), and with the backbone free to give the CAM
+        # features it can use. The kept model then comes from this phase.
+        explain = bool(cfg.cam_weight and model_config.spatial_attention
+                       and phase.name == "end-to-end")
+        if explain:
+            best = (-math.inf, -math.inf, -math.inf)
         for epoch in range(1, phase.epochs + 1):
             model.eval()
             for module in phase.train_modules:
@@ -229,7 +240,7 @@ def train_fold(samples: list[Sample], train_idx: list[int], valid_idx: list[int]
                     if prior is None:
                         prior = centre_ring_prior(*out.spatial_attention.shape[-2:]).to(device)
                     loss = loss + cfg.kl_weight * attention_prior_kl(out.spatial_attention, prior)
-                if cfg.cam_weight and model_config.spatial_attention:
+                if explain:
                     cam = grad_cam_scores(out.features, feature_gradient(model, out, labels))
                     loss = loss + cfg.cam_weight * cam_attention_consistency(
                         cam, out.spatial_attention)
