@@ -121,8 +121,8 @@ def config(level: str = "info") -> dict[str, Any]:
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
-            # chatty at INFO and withheld anyway; their warnings still show up (withheld)
-            "pydicom": {"level": "WARNING"},
-            "highdicom": {"level": "WARNING"},
+            # chatty below WARNING and withheld anyway; their warnings still show (withheld)
+            **{name: {"level": "WARNING"} for name in (
+                "pydicom", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "PIL")},
         },
     }
