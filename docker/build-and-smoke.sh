@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Build docker/Dockerfile.cpu for real without a Docker engine, then start the image's own CMD and
+# smoke-test it: /healthz, /readyz, one analysis, one STOW-RS push, /metrics (docker/smoke_client.py).
+#
+#   docker/build-and-smoke.sh            (root; Debian packages buildah podman debootstrap)
+#
+# No registry is reachable, so the base is made locally: `debootstrap --variant=minbase` Debian
+# bookworm with python3 (3.11), imported as localhost/bookworm-python:local and passed as BASE.
+# The rootfs tarball is cached in $FLAIRCAD_IMAGE_CACHE (default /var/cache/flaircad-image) and the
+# image stays in containers-storage, so later runs skip debootstrap (FLAIRCAD_REFRESH_BASE=1 redoes
+# it). pip inside the build reaches the package index with the host's CA bundle. The working
+# container runs with chroot isolation in the host's network namespace, so the server answers on
+# the host's loopback. Idempotent; containers and temporary files are removed on exit; exits
+# non-zero on any failure; prints the time of each phase.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE=${FLAIRCAD_IMAGE_CACHE:-/var/cache/flaircad-image}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+BASE_IMAGE=localhost/bookworm-python:local
+IMAGE=${FLAIRCAD_IMAGE:-localhost/flaircad:cpu}
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+STORAGE=(--storage-driver vfs)   # no overlay mounts inside CI's own container
+buildah=(buildah "${STORAGE[@]}")
+podman=(podman "${STORAGE[@]}")
+
+for tool in buildah podman debootstrap python3; do
+    command -v "$tool" >/dev/null || { echo "build-and-smoke: $tool is missing" >&2; exit 2; }
+done
+((EUID == 0)) || { echo "build-and-smoke: run as root (debootstrap, containers-storage)" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/flaircad-smoke.XXXXXX)
+container=""
+server_pid=""
+timings=()
+started=$(date +%s%N)
+phase_start=$started
+phase() {  # phase NAME: close the running phase under NAME and start the next
+    local now
+    now=$(date +%s%N)
+    timings+=("$(printf '%-26s %6d.%d s' "$1" $(((now - phase_start) / 10**9)) \
+        $(((now - phase_start) / 10**8 % 10)))")
+    phase_start=$now
+}
+report() {
+    local total=$((($(date +%s%N) - started) / 10**8))
+    echo "---- build-and-smoke timings"
+    printf '%s\n' "${timings[@]}"
+    printf '%-26s %6d.%d s\n' total $((total / 10)) $((total % 10))
+}
+cleanup() {
+    local status=$?
+    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM -- "-$server_pid" 2>/dev/null || true
+        sleep 2
+        kill -KILL -- "-$server_pid" 2>/dev/null || true
+    fi
+    [[ -n $container ]] && "${buildah[@]}" rm "$container" >/dev/null 2>&1 || true
+    if ((status != 0)) && [[ -s $work/server.log ]]; then
+        echo "---- server log (last 60 lines)"; tail -n 60 "$work/server.log"
+    fi
+    rm -rf "$work"
+    report
+    ((status == 0)) && echo "build-and-smoke: OK" || echo "build-and-smoke: FAILED ($status)" >&2
+    exit "$status"
+}
+trap cleanup EXIT
+
+# 1. The local base image: debootstrap once, then reuse the cached tarball / stored image.
+if [[ ${FLAIRCAD_REFRESH_BASE:-0} == 1 ]]; then
+    "${podman[@]}" rmi -f "$BASE_IMAGE" >/dev/null 2>&1 || true
+    rm -f "$CACHE/bookworm-python.tar"
+fi
+if ! "${podman[@]}" image exists "$BASE_IMAGE"; then
+    mkdir -p "$CACHE"
+    if [[ ! -s $CACHE/bookworm-python.tar ]]; then
+        rootfs=$work/rootfs
+        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+            bookworm "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 \
+            || { tail -n 30 "$work/debootstrap.log"; exit 1; }
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        tar -C "$rootfs" -cf "$CACHE/bookworm-python.tar.part" .
+        mv "$CACHE/bookworm-python.tar.part" "$CACHE/bookworm-python.tar"
+        rm -rf "$rootfs"
+        phase "debootstrap bookworm"
+    fi
+    "${podman[@]}" import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["/bin/bash"]' "$CACHE/bookworm-python.tar" "$BASE_IMAGE" >/dev/null
+    phase "import base image"
+fi
+
+# 2. The image, exactly as a user builds it, but FROM the local base. Docker format keeps the
+#    HEALTHCHECK (OCI image configs have no field for it).
+"${buildah[@]}" bud --isolation chroot --format docker \
+    --build-arg "BASE=$BASE_IMAGE" \
+    --volume /etc/ssl/certs:/etc/ssl/certs:ro --build-arg "PIP_CERT=$CA_BUNDLE" \
+    -f docker/Dockerfile.cpu -t "$IMAGE" .
+phase "build image"
+size=$("${buildah[@]}" images --format '{{.Size}}' "$IMAGE" | head -n 1)
+echo "image $IMAGE: $size"
+"${buildah[@]}" rmi --prune >/dev/null 2>&1 || true   # the builder stage's leftovers
+
+# 3. Static checks on the image's config and contents.
+"${buildah[@]}" inspect --type image "$IMAGE" >"$work/image.json"
+python3 - "$work" <<'EOF'
+import json, sys
+work = sys.argv[1]
+config = json.load(open(f"{work}/image.json"))["Docker"]["config"]
+open(f"{work}/cmd", "w").write("\n".join(config["Cmd"]) + "\n")
+open(f"{work}/healthcheck", "w").write("\n".join(config["Healthcheck"]["Test"][1:]) + "\n")
+assert config["User"] == "10001:10001", config["User"]
+assert "8000/tcp" in config["ExposedPorts"], config["ExposedPorts"]
+assert config["Healthcheck"]["Test"][0] == "CMD", config["Healthcheck"]
+assert config["Cmd"] == ["flaircad", "serve"], config["Cmd"]
+env = dict(item.split("=", 1) for item in config["Env"])
+assert env["FLAIRCAD_HOST"] == "0.0.0.0" and env["FLAIRCAD_SPOOL_DIR"] == "/var/lib/flaircad", env
+print("ok   image config: user 10001, EXPOSE 8000, HEALTHCHECK, CMD flaircad serve, FLAIRCAD_* env")
+EOF
+container=$("${buildah[@]}" from "$IMAGE")
+run=("${buildah[@]}" run --isolation chroot)
+[[ $("${run[@]}" "$container" -- id -u) == 10001 ]] || { echo "FAIL not running as uid 10001"; exit 1; }
+"${run[@]}" "$container" -- python3 -c '
+import importlib.util, shutil, sys
+tools = [t for t in ("gcc", "cc", "g++", "make", "pip") if shutil.which(t)]
+assert not tools, f"build tools in the final image: {tools}"
+assert importlib.util.find_spec("torch") is None, "torch is in the image"
+import onnxruntime, service.config
+assert service.config.BUNDLED_MODEL.is_file(), "the demo model is not baked in"
+print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__version__,
+      onnxruntime.get_available_providers(), "bundled model", service.config.BUNDLED_MODEL.name)'
+phase "inspect image"
+
+# 4. Phantom series written by the image itself (flaircad phantom) into a host folder.
+mkdir -m 0777 "$work/series"
+for spec in "MS 7" "cSVD 8"; do
+    read -r label seed <<<"$spec"
+    "${run[@]}" --volume "$work/series:/series" "$container" -- \
+        flaircad phantom --label "$label" --seed "$seed" --out "/series/$label$seed" >/dev/null
+done
+phase "phantoms"
+
+# 5. The image's CMD, on a free loopback port (the image's default host 0.0.0.0 would listen on
+#    every interface of the CI machine: the smoke test narrows it to 127.0.0.1).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mapfile -t cmd <"$work/cmd"
+setsid "${run[@]}" --env FLAIRCAD_HOST=127.0.0.1 --env "FLAIRCAD_PORT=$port" \
+    --env FLAIRCAD_STABILITY_WINDOW_S=1 "$container" -- "${cmd[@]}" >"$work/server.log" 2>&1 &
+server_pid=$!
+base=http://127.0.0.1:$port
+for _ in $(seq 240); do
+    kill -0 "$server_pid" 2>/dev/null || { echo "FAIL the server exited"; exit 1; }
+    python3 -c "import urllib.request; urllib.request.urlopen('$base/healthz', timeout=2)" 2>/dev/null && break
+    sleep 0.5
+done
+phase "server start (/healthz)"
+# The HEALTHCHECK exactly as the image declares it, inside the container.
+mapfile -t check <"$work/healthcheck"
+"${run[@]}" --env "FLAIRCAD_PORT=$port" "$container" -- "${check[@]}" \
+    && echo "ok   HEALTHCHECK command succeeds" || { echo "FAIL HEALTHCHECK"; exit 1; }
+python3 docker/smoke_client.py "$base" "$work/series/MS7" "$work/series/cSVD8"
+phase "smoke requests"
+
+# 6. SIGTERM: the server must stop by itself.
+kill -TERM -- "-$server_pid"
+for _ in $(seq 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.5; done
+if kill -0 "$server_pid" 2>/dev/null; then echo "FAIL still running 30 s after SIGTERM"; exit 1; fi
+server_pid=""
+echo "ok   stopped on SIGTERM"
+phase "shutdown"

@@ -1,0 +1,115 @@
+"""Smoke client for a running flaircad image (docker/build-and-smoke.sh); standard library only.
+
+    python3 docker/smoke_client.py http://127.0.0.1:PORT SERIES_FOR_ANALYSES SERIES_FOR_STOW
+
+Checks, in order: /healthz and /readyz answer 200 with JSON; /v1/model names the bundled demo
+model on the CPU provider; POST /v1/analyses (multipart/related) analyses one phantom series
+synchronously (probabilities sum to 1, preview PNG and the SC + SR instances are served); a
+STOW-RS push of a second series (as Orthanc sends it) is stored and analysed once the stability
+window has passed; /metrics exposes flaircad_* series. Exit status 0 when all hold, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+
+def request(method: str, url: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, bytes,
+                                                                                 dict[str, str]]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, response.read(), {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), {k.lower(): v for k, v in error.headers.items()}
+
+
+def multipart_related(folder: Path) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    chunks = []
+    for path in sorted(folder.glob("*.dcm")):
+        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+                   path.read_bytes(), b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def study_uid(path: Path) -> str:
+    """StudyInstanceUID (0020,000D) of an explicit-VR little-endian file, without pydicom."""
+    data = path.read_bytes()
+    at = data.index(b"\x20\x00\x0d\x00UI")
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    return data[at + 8:at + 8 + length].rstrip(b"\x00 ").decode("ascii")
+
+
+def check(condition: bool, what: str, detail: object = "") -> None:
+    print(("ok   " if condition else "FAIL ") + what + (f": {detail}" if detail != "" else ""),
+          flush=True)
+    if not condition:
+        raise SystemExit(1)
+
+
+def main(base: str, analyses_series: Path, stow_series: Path) -> None:
+    for route in ("/healthz", "/readyz"):
+        status, body, _ = request("GET", base + route)
+        check(status == 200, f"GET {route} 200", body.decode(errors="replace")[:200])
+        json.loads(body)
+
+    status, body, _ = request("GET", base + "/v1/model")
+    model = json.loads(body)
+    check(status == 200 and model["name"].startswith("flaircad"), "GET /v1/model",
+          {key: model.get(key) for key in ("name", "version", "provider")})
+    check(model["provider"] == "CPUExecutionProvider", "runs on the CPU provider")
+
+    payload, content_type = multipart_related(analyses_series)
+    started = time.monotonic()
+    status, body, _ = request("POST", base + "/v1/analyses", payload,
+                              {"Content-Type": content_type})
+    result = json.loads(body)
+    check(status == 200 and result["status"] == "done", "POST /v1/analyses 200 done",
+          f"{time.monotonic() - started:.1f} s, prediction {result.get('prediction')}, "
+          f"probabilities {result.get('probabilities')}")
+    check(abs(sum(result["probabilities"].values()) - 1.0) < 1e-4, "probabilities sum to 1")
+    status, body, _ = request("GET", base + result["outputs"]["preview_url"])
+    check(status == 200 and body.startswith(b"\x89PNG"), "preview.png served", f"{len(body)} B")
+    status, body, headers = request("GET", base + result["outputs"]["instances_url"])
+    check(status == 200 and headers.get("content-type", "").startswith("multipart/related"),
+          "SC + SR instances served", f"{len(body)} B")
+
+    payload, content_type = multipart_related(stow_series)
+    status, body, _ = request("POST", base + "/dicomweb/studies", payload,
+                              {"Content-Type": content_type, "Accept": "application/dicom+json"})
+    stored = json.loads(body)
+    check(status == 200, "STOW-RS POST /dicomweb/studies 200",
+          f"{len(stored.get('00081199', {}).get('Value', []))} instances stored")
+    study = study_uid(sorted(stow_series.glob("*.dcm"))[0])
+    deadline = time.monotonic() + 120
+    analyses: list[dict] = []
+    while time.monotonic() < deadline:
+        status, body, _ = request("GET", f"{base}/v1/analyses?study_instance_uid={study}")
+        analyses = json.loads(body)["analyses"] if status == 200 else []
+        if analyses and analyses[0]["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    check(bool(analyses) and analyses[0]["status"] == "done",
+          "the STOW-RS series was analysed after the stability window",
+          analyses[0].get("prediction") if analyses else "no analysis")
+
+    status, body, _ = request("GET", base + "/metrics")
+    text = body.decode()
+    names = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                    if line.startswith("flaircad_")})
+    check(status == 200 and names != [], "GET /metrics", f"{len(names)} flaircad_* series")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__)
+    main(sys.argv[1].rstrip("/"), Path(sys.argv[2]), Path(sys.argv[3]))
