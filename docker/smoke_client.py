@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -26,9 +27,13 @@ def request(method: str, url: str, body: bytes | None = None,
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, response.read(), {k.lower(): v for k, v in response.headers.items()}
+            return response.status, response.read(), _lower(response.headers.items())
     except urllib.error.HTTPError as error:
-        return error.code, error.read(), {k.lower(): v for k, v in error.headers.items()}
+        return error.code, error.read(), _lower(error.headers.items())
+
+
+def _lower(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {key.lower(): value for key, value in items}
 
 
 def multipart_related(folder: Path) -> tuple[bytes, str]:

@@ -113,6 +113,11 @@ def test_gpu_base_matches_the_cuda_major_of_onnxruntime_gpu() -> None:
     assert match.group(1) == info.cuda_version.split(".")[0], (base, info.cuda_version)
 
 
+def test_gpu_image_installs_the_gpu_extra_for_nvml_metrics() -> None:
+    assert 'pip install "/src[gpu]"' in DOCKERFILES["gpu"].read_text()
+    assert "gpu = [" in (REPO / "pyproject.toml").read_text()
+
+
 def test_dockerignore_keeps_the_context_to_the_package() -> None:
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
@@ -156,7 +161,7 @@ def test_compose_services_builds_mounts_and_ports(compose: dict[str, Any]) -> No
                 assert source in named, f"{name}: volume {source} is not declared"
             assert target.startswith("/")
         for port in service.get("ports", []):
-            host, host_port, container_port = port.split(":")
+            host, host_port, _ = port.split(":")
             assert host == "127.0.0.1", f"{name} publishes {port} beyond the loopback"
             published.append(host_port)
     assert len(published) == len(set(published))
