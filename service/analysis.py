@@ -43,7 +43,6 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 
 from service import overlay, sanitize, sc, sr
 from service.engine import EngineOutput, ModelInfo
@@ -131,6 +130,7 @@ class Analysis:
             "outputs": {
                 "secondary_capture_series_instance_uid": self.sc_series_instance_uid,
                 "sr_sop_instance_uid": self.sr_sop_instance_uid,
+                "sr_series_instance_uid": self.sr_series_instance_uid,
             },
             "timings_ms": dict(self.timings_ms),
             "warnings": list(self.warnings),
@@ -225,12 +225,6 @@ def _source_images(series: Series, volume: SeriesVolume, order: list[int],
     return images
 
 
-def _encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def analyse(
     sources: Iterable[AnalysisSource],
     engine: InferenceEngine,
@@ -323,8 +317,8 @@ def analyse(
         model=model, prediction=prediction, probabilities=probabilities,
         series_number=_series_number(first, SR_SERIES_OFFSET),
     )
-    sc_bytes = [_encode(capture) for capture in captures]
-    sr_bytes = _encode(report)
+    sc_bytes = sc.encode_series(captures)
+    sr_bytes = sc.encode_part10(report)
     clock.lap("encode")
 
     timings = clock.finish()
