@@ -138,8 +138,13 @@ def window(volume: npt.NDArray[np.floating],
     low, high = (float(v) for v in np.percentile(sample, percentiles))
     if high <= low:
         high = low + 1.0
-    scaled = (data - np.float32(low)) * np.float32(255.0 / (high - low))
-    return np.clip(scaled, 0.0, 255.0).round().astype(np.uint8)
+    # In place, and rounding as +0.5 then truncation (valid once clipped to ≥ 0): a 200-slice
+    # volume is millions of voxels, and each temporary array costs as much as the arithmetic.
+    gain = np.float32(255.0 / (high - low))
+    scaled = np.multiply(data, gain, dtype=np.float32)
+    scaled -= np.float32(low) * gain - np.float32(0.5)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def blend(grey: npt.NDArray[np.uint8], cam: FloatArray, alpha_max: float = ALPHA_MAX) -> RGBImage:
