@@ -15,11 +15,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from service import metrics
-from service.api import analyses, dicomweb, problems, system
+from service.api import analyses, dicomweb, problems, system, wado
 from service.api.deps import Runtime
 from service.api.middleware import RequestContext
 from service.config import Settings
 from service.engine import Engine
+from service.pacs import PacsLink
 from service.scheduler import Scheduler
 from service.spool import Spool
 from service.store import AnalysisStore
@@ -106,15 +107,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = AnalysisStore(settings.spool_dir / "flaircad.sqlite")
         scheduler = Scheduler(settings, engine, spool, store)
         await scheduler.start()
+        pacs = PacsLink(settings, spool, scheduler)  # results out, DIMSE in
+        await pacs.start()
         metrics.MODEL_INFO.labels(name=engine.info.name, version=engine.info.version,
                                   provider=engine.provider).set(1)
         collectors: list[Any] = [metrics.SpoolCollector(settings.spool_dir,
                                                         settings.spool_scan_interval_s)]
+        collectors.append(pacs.collector)
         gpu = metrics.GpuCollector.create(engine.provider, _cuda_device_id(engine))
         if gpu is not None:
             collectors.append(gpu)
         app.state.runtime = Runtime(settings, engine, spool, store, scheduler, warm_up_ms,
                                     collectors)
+        app.state.runtime.pacs = pacs
         restore_sigterm = _drain_on_sigterm(scheduler, settings.shutdown_grace_s)
         log.info("ready", extra={"model": engine.info.name, "model_version": engine.info.version,
                                  "provider": engine.provider, "load_and_warm_up_ms": warm_up_ms,
@@ -126,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Also when shut down without our SIGTERM handler (plain uvicorn, SIGINT): finish
             # what was accepted, within the grace period. Results stay readable meanwhile.
             await scheduler.stop(settings.shutdown_grace_s)
+            await pacs.stop()
             app.state.runtime = None
             store.close()
             metrics.mark_this_process_dead()
@@ -136,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(system.router)
     app.include_router(dicomweb.router)
+    app.include_router(wado.router)
     app.include_router(analyses.router)
     app.add_middleware(RequestContext)
     return app

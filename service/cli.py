@@ -193,6 +193,29 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dimse(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging.config
+    import os
+
+    from service import logs
+    from service.config import Settings
+    from service.pacs import run_standalone
+
+    for name, value in (("MODEL_PATH", args.model), ("DIMSE_HOST", args.host),
+                        ("DIMSE_PORT", args.port), ("DIMSE_AE_TITLE", args.ae_title)):
+        if value is not None:
+            os.environ[f"FLAIRCAD_{name}"] = str(value)
+    if args.allow_calling_ae:
+        os.environ["FLAIRCAD_DIMSE_ALLOWED_CALLING_AES"] = json.dumps(args.allow_calling_ae)
+    settings = Settings()
+    if settings.dimse_port is None:
+        settings = settings.model_copy(update={"dimse_port": 11112})
+    logging.config.dictConfig(logs.config(settings.log_level))
+    logging.getLogger("service.cli").warning(RESEARCH_NOTICE)
+    return asyncio.run(run_standalone(settings))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -236,6 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="uvicorn worker processes (FLAIRCAD_HTTP_WORKERS, default 1); "
                        "FLAIRCAD_WORKERS is the analysis threads of each")
     serve.set_defaults(func=_serve)
+
+    dimse = commands.add_parser(
+        "dimse", help="run the DIMSE listener (C-STORE, C-ECHO) with the analyses, no HTTP",
+        description="Receive MR series by DIMSE C-STORE (and answer C-ECHO), analyse each "
+        "series once nothing has arrived for FLAIRCAD_STABILITY_WINDOW_S and send the results "
+        "to FLAIRCAD_DESTINATIONS, like the service does, without HTTP. Same spool and "
+        "database as `flaircad serve` (FLAIRCAD_SPOOL_DIR), so both may run side by side. "
+        "SIGTERM/SIGINT drain and stop. " + RESEARCH_NOTICE,
+    )
+    dimse.add_argument("--port", type=int, help="listen port (FLAIRCAD_DIMSE_PORT, default "
+                       "11112)")
+    dimse.add_argument("--host", help="listen address (FLAIRCAD_DIMSE_HOST, default "
+                       "127.0.0.1)")
+    dimse.add_argument("--ae-title", help="called AE title (FLAIRCAD_DIMSE_AE_TITLE, default "
+                       "FLAIRCAD)")
+    dimse.add_argument("--allow-calling-ae", action="append", metavar="AE",
+                       help="accept associations from this calling AE title only (repeat; "
+                       "FLAIRCAD_DIMSE_ALLOWED_CALLING_AES; default: any)")
+    dimse.add_argument("--model", type=Path, help="ONNX model (default: the bundled demo)")
+    dimse.set_defaults(func=_dimse)
 
     inspect = commands.add_parser(
         "inspect", help="read a DICOM folder: one JSON line per series, optional NIfTI",

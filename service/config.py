@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.destinations import AE_TITLE_PATTERN, Destination
+
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "flaircad-demo.onnx"
 
 
@@ -57,3 +59,23 @@ class Settings(BaseSettings):
     orphan_sweep_interval_s: float = Field(
         30.0, gt=0, description="how often a process looks for analyses left by a process "
         "that died (several workers), to run them")
+    # -- PACS connection (service/pacs.py: results sent back, DIMSE listener) -----------------
+    destinations: list[Destination] = Field(
+        default_factory=list, description="where finished results (SC series + SR) are sent: "
+        "a JSON list of DICOMweb STOW-RS and DIMSE C-STORE destinations (service/destinations"
+        ".py)")
+    delivery_max_attempts: int = Field(
+        10, ge=1, description="attempts per result and destination before it is marked failed")
+    delivery_backoff_s: float = Field(
+        5.0, gt=0, description="wait before the first retry; doubled after each failure")
+    delivery_backoff_max_s: float = Field(600.0, gt=0, description="longest wait between tries")
+    dimse_ae_title: str = Field(
+        "FLAIRCAD", pattern=AE_TITLE_PATTERN, description="this service's AE title: the "
+        "called AE of the C-STORE listener, the calling AE of C-STORE destinations")
+    dimse_port: int | None = Field(
+        None, ge=0, le=65535, description="C-STORE/C-ECHO listener port inside the service "
+        "(unset: no listener; `flaircad dimse` runs one on its own)")
+    dimse_host: str = Field("127.0.0.1", description="listen address of the DIMSE listener")
+    dimse_allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="calling AE titles accepted by the DIMSE listener, "
+        'a JSON list such as ["ORTHANC"]; empty: any')

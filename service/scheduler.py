@@ -96,6 +96,9 @@ class Scheduler:
         self._drain_reported = False
         self._lease = spool.acquire_lease()
         self._rules: Any = None
+        # called with the id of every analysis that ends DONE, in its worker thread (results
+        # sent to the PACS: service/pacs.py)
+        self.result_hooks: list[Callable[[str], None]] = []
         if settings.flair_rules is not None:
             from service.flair import load_rules
             self._rules = load_rules(settings.flair_rules)
@@ -356,6 +359,11 @@ class Scheduler:
                               series_instance_uid=analysis.series_instance_uid)
             outcome, prediction, timings = "ok", analysis.prediction, analysis.timings_ms
             metrics.PREDICTIONS.labels(**{"class": prediction}).inc()
+            for hook in self.result_hooks:
+                try:
+                    hook(record.id)
+                except Exception:  # a hook must not turn a finished analysis into a failure
+                    log.exception("result hook failed")
             for stage, ms in timings.items():
                 metrics.STAGE_DURATION.labels(stage=stage).observe(ms / 1000)
         metrics.SERIES_ANALYSED.labels(outcome=outcome).inc()

@@ -14,7 +14,7 @@ from service import metrics
 from service.api.body import media_type_of, read_parts
 from service.api.deps import Runtime, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
-from service.api.schemas import Analysis, AnalysisList
+from service.api.schemas import Analysis, AnalysisList, Delivery
 from service.scheduler import Saturated
 from service.spool import write_atomically
 from service.store import Record, Status
@@ -144,7 +144,11 @@ def list_analyses(
 @router.get("/{analysis_id}", response_model=Analysis, summary="Result or status",
             responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
 def get_analysis(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
-    return view(_record_or_404(rt, analysis_id))
+    analysis = view(_record_or_404(rt, analysis_id))
+    if rt.pacs is not None and analysis.status == "done":  # results sent to the PACS
+        analysis.deliveries = [Delivery.model_validate(d)
+                               for d in rt.pacs.deliveries(analysis.analysis_id)]
+    return analysis
 
 
 def _outputs(rt: Runtime, record: Record) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from prometheus_client.registry import Collector
@@ -24,6 +25,7 @@ class Runtime:
     scheduler: Scheduler
     warm_up_ms: float = 0.0
     collectors: list[Collector] = field(default_factory=list)  # scraped with /metrics
+    pacs: Any = None  # service.pacs.PacsLink: result deliveries, DIMSE listener
 
 
 def runtime(request: Request) -> Runtime:

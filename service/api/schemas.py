@@ -18,6 +18,7 @@ class ModelRef(BaseModel):
 class Outputs(BaseModel):
     secondary_capture_series_instance_uid: str
     sr_sop_instance_uid: str
+    sr_series_instance_uid: str | None = None
     instances_url: str
     preview_url: str
 
@@ -54,6 +55,20 @@ class AnalysisProblem(BaseModel):
     detail: str
 
 
+class Delivery(BaseModel):
+    """Sending the result (SC series + SR) to one configured destination."""
+
+    destination: str
+    kind: Literal["stow", "cstore"]
+    state: Literal["pending", "sending", "sent", "failed"]
+    attempts: int
+    last_error: str | None = Field(None, description="why the last attempt failed")
+    instances: int | None = Field(None, description="instances sent, once sent")
+    updated: float = Field(description="epoch seconds of the last change")
+    next_attempt: float | None = Field(None, description="pending: epoch seconds of the "
+                                       "next attempt")
+
+
 class Analysis(BaseModel):
     """One analysis: its status, and the result once ``status`` is ``done``."""
 
@@ -73,6 +88,9 @@ class Analysis(BaseModel):
     timings_ms: Timings | None = None
     warnings: list[str] = Field(default_factory=list)
     problem: AnalysisProblem | None = Field(None, description="why it was rejected or failed")
+    deliveries: list[Delivery] | None = Field(
+        None, description="GET /v1/analyses/{id} of a finished analysis: sending the result "
+        "to each configured destination (FLAIRCAD_DESTINATIONS)")
     intended_use: str = RESEARCH_USE
 
 

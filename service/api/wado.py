@@ -1,0 +1,289 @@
+"""WADO-RS (PS3.18 §10.4) and a QIDO-RS series search for the results, so that a DICOMweb
+viewer (OHIF with flaircad as a data source, say) loads the Grad-CAM SC series and the SR
+straight from flaircad.
+
+Only results are served: the SC series and SR of finished analyses of the study, as stored in
+the spool (``results/<analysis id>/``), never the received source images. Instances are sent
+in their stored transfer syntax (Explicit VR Little Endian); a request for another one gets
+406. Routes:
+
+* ``GET /dicomweb/studies/{study}/series`` — the result series of the study (DICOM JSON);
+* ``GET …/series/{series}``, ``…/instances/{sop}`` — ``multipart/related;
+  type="application/dicom"``;
+* ``GET …/series/{series}/metadata``, ``…/instances/{sop}/metadata`` — DICOM JSON, Pixel Data
+  as a BulkDataURI to the frames;
+* ``GET …/instances/{sop}/frames/{frames}`` — ``multipart/related;
+  type="application/octet-stream"``, the native pixels of each frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydicom import dcmread
+
+from service.api.deps import Runtime, runtime
+from service.api.problems import PROBLEM_JSON, Problem
+from service.forward import result_files
+from service.multipart import MediaType
+from service.spool import safe_uid
+from service.store import Status
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
+
+DICOM_JSON = "application/dicom+json"
+_NATIVE = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                "Modality", "SeriesDescription", "SeriesNumber", "InstanceNumber"]
+
+
+@dataclass(frozen=True)
+class _Instance:
+    path: Path
+    analysis_id: str
+    study: str
+    series: str
+    sop_instance: str
+    sop_class: str
+    transfer_syntax: str
+    modality: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+
+
+@functools.lru_cache(maxsize=256)
+def _folder_instances(folder: str, analysis_id: str, mtime_ns: int) -> tuple[_Instance, ...]:
+    """Headers of one result folder (cached: results do not change once written)."""
+    found = []
+    for path in result_files(Path(folder)):
+        header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        number = header.get("SeriesNumber")
+        instance_number = header.get("InstanceNumber")
+        found.append(_Instance(
+            path, analysis_id, str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+            str(header.SOPInstanceUID), str(header.SOPClassUID),
+            str(header.file_meta.TransferSyntaxUID), str(header.get("Modality", "")),
+            str(header.get("SeriesDescription", "")),
+            int(number) if number not in (None, "") else None,
+            int(instance_number) if instance_number not in (None, "") else None))
+    return tuple(found)
+
+
+def _study_instances(rt: Runtime, study: str) -> list[_Instance]:
+    instances: list[_Instance] = []
+    for record in rt.store.by_study(study):
+        if record.status is not Status.DONE:
+            continue
+        folder = rt.spool.result_folder(record.id)
+        try:
+            mtime_ns = (folder / "sr.dcm").stat().st_mtime_ns
+        except OSError:  # results removed (retention) or never written
+            continue
+        instances += [i for i in _folder_instances(str(folder), record.id, mtime_ns)
+                      if i.study == study]
+    return instances
+
+
+def _uid(value: str, what: str) -> str:
+    try:
+        return safe_uid(value)
+    except ValueError:
+        raise Problem(400, "invalid_uid", f"{what} is not a valid DICOM UID") from None
+
+
+def _series(rt: Runtime, study: str, series: str) -> list[_Instance]:
+    study, series = _uid(study, "the study"), _uid(series, "the series")
+    found = [i for i in _study_instances(rt, study) if i.series == series]
+    if not found:
+        raise Problem(404, "series_not_found", "no flaircad result series with this UID in "
+                      "this study")
+    return sorted(found, key=lambda i: (i.instance_number or 0, i.sop_instance))
+
+
+def _instance(rt: Runtime, study: str, series: str, sop: str) -> _Instance:
+    sop = _uid(sop, "the SOP instance")
+    for instance in _series(rt, study, series):
+        if instance.sop_instance == sop:
+            return instance
+    raise Problem(404, "instance_not_found", "no such instance in this result series")
+
+
+def _accepted_ranges(request: Request) -> list[MediaType]:
+    header = request.headers.get("accept", "")
+    return [MediaType.parse(item) for item in header.split(",") if item.strip()]
+
+
+def _negotiate(request: Request, part_type: str, transfer_syntaxes: Iterable[str]) -> None:
+    """406 unless the Accept header takes ``multipart/related; type=part_type`` in these
+    transfer syntaxes (we do not transcode)."""
+    ranges = _accepted_ranges(request)
+    if not ranges:
+        return
+    have = set(transfer_syntaxes)
+    for media in ranges:
+        if media.essence in ("*/*", "multipart/*"):
+            return
+        if media.essence != "multipart/related":
+            continue
+        wanted_type = media.params.get("type", part_type).lower()
+        if wanted_type not in (part_type, "*/*", part_type.split("/")[0] + "/*"):
+            continue
+        syntax = media.params.get("transfer-syntax", "*")
+        if syntax == "*" or have <= {syntax} or (
+                part_type == "application/octet-stream" and syntax == "1.2.840.10008.1.2.1"):
+            return
+    raise Problem(406, "not_acceptable", 'results are served as multipart/related; type='
+                  f'"{part_type}" in their stored transfer syntax ({", ".join(sorted(have))})',
+                  title="Not acceptable")
+
+
+def _multipart(parts: list[tuple[bytes, dict[str, str]]], part_type: str,
+               transfer_syntax: str | None = None) -> Response:
+    boundary = uuid.uuid4().hex
+    chunks: list[bytes] = []
+    for body, headers in parts:
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        chunks += [f"--{boundary}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode(),
+                   body, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    media = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    if transfer_syntax:
+        media = f'multipart/related; type="{part_type}"; transfer-syntax={transfer_syntax}; ' \
+                f"boundary={boundary}"
+    return Response(b"".join(chunks), media_type=media)
+
+
+def _dicom_parts(request: Request, instances: list[_Instance]) -> Response:
+    syntaxes = {i.transfer_syntax for i in instances}
+    _negotiate(request, "application/dicom", syntaxes)
+    parts = []
+    for instance in instances:
+        type_ = f"application/dicom; transfer-syntax={instance.transfer_syntax}"
+        parts.append((instance.path.read_bytes(), {"Content-Type": type_}))
+    return _multipart(parts, "application/dicom")
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/dicomweb"
+
+
+def _metadata(request: Request, instance: _Instance) -> dict[str, Any]:
+    dataset = dcmread(instance.path)
+    has_pixels = "PixelData" in dataset
+    if has_pixels:
+        del dataset.PixelData
+    body: dict[str, Any] = dataset.to_json_dict(bulk_data_threshold=2**31)
+    if has_pixels:
+        body["7FE00010"] = {"vr": "OW" if int(dataset.get("BitsAllocated", 8)) > 8 else "OB",
+                            "BulkDataURI": f"{_base(request)}/studies/{instance.study}/series/"
+                            f"{instance.series}/instances/{instance.sop_instance}/frames/1"}
+    # the transfer syntax the bytes are in (file meta is not part of the data set)
+    body["00083002"] = {"vr": "UI", "Value": [instance.transfer_syntax]}
+    return body
+
+
+def _dicom_json(content: Any) -> JSONResponse:
+    return JSONResponse(content, media_type=DICOM_JSON)
+
+
+_MULTIPART_DICOM = {200: {"content": {'multipart/related; type="application/dicom"': {}}},
+                    404: {"description": "no such result", "content": {PROBLEM_JSON: {}}},
+                    406: {"description": "unsupported Accept", "content": {PROBLEM_JSON: {}}}}
+_JSON = {200: {"content": {DICOM_JSON: {"schema": {"type": "array",
+                                                   "items": {"type": "object"}}}}},
+         404: {"description": "no such result", "content": {PROBLEM_JSON: {}}}}
+
+
+@router.get("/studies/{study}/series", response_class=Response, responses=_JSON,
+            summary="Search the result series of a study (QIDO-RS)")
+def search_series(study: str, request: Request,
+                  rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    study = _uid(study, "the study")
+    by_series: dict[str, list[_Instance]] = {}
+    for instance in _study_instances(rt, study):
+        by_series.setdefault(instance.series, []).append(instance)
+    found = []
+    for series, instances in by_series.items():
+        first = instances[0]
+        item: dict[str, Any] = {
+            "0020000D": {"vr": "UI", "Value": [study]},
+            "0020000E": {"vr": "UI", "Value": [series]},
+            "00080060": {"vr": "CS", "Value": [first.modality]},
+            "00201209": {"vr": "IS", "Value": [len(instances)]},
+            "00081190": {"vr": "UR", "Value": [f"{_base(request)}/studies/{study}/series/"
+                                               f"{series}"]},
+        }
+        if first.series_description:
+            item["0008103E"] = {"vr": "LO", "Value": [first.series_description]}
+        if first.series_number is not None:
+            item["00200011"] = {"vr": "IS", "Value": [first.series_number]}
+        found.append(item)
+    return _dicom_json(found)
+
+
+@router.get("/studies/{study}/series/{series}", response_class=Response,
+            responses=_MULTIPART_DICOM, summary="Retrieve a result series (WADO-RS)")
+def retrieve_series(study: str, series: str, request: Request,
+                    rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    return _dicom_parts(request, _series(rt, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/metadata", response_class=Response,
+            responses=_JSON, summary="Metadata of a result series (WADO-RS)")
+def retrieve_series_metadata(study: str, series: str, request: Request,
+                             rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    return _dicom_json([_metadata(request, i) for i in _series(rt, study, series)])
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=Response,
+            responses=_MULTIPART_DICOM, summary="Retrieve a result instance (WADO-RS)")
+def retrieve_instance(study: str, series: str, sop: str, request: Request,
+                      rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    return _dicom_parts(request, [_instance(rt, study, series, sop)])
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata",
+            response_class=Response, responses=_JSON,
+            summary="Metadata of a result instance (WADO-RS)")
+def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
+                               rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    return _dicom_json([_metadata(request, _instance(rt, study, series, sop))])
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+            response_class=Response,
+            responses={200: {"content": {'multipart/related; type="application/octet-stream"':
+                                         {}}},
+                       404: {"description": "no such frame", "content": {PROBLEM_JSON: {}}},
+                       406: {"description": "unsupported Accept",
+                             "content": {PROBLEM_JSON: {}}}},
+            summary="Pixel data of frames of a result instance (WADO-RS)")
+def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
+                    rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    instance = _instance(rt, study, series, sop)
+    try:
+        numbers = [int(n) for n in frames.split(",")]
+    except ValueError:
+        raise Problem(400, "invalid_frames", "frames: comma-separated numbers from 1") from None
+    _negotiate(request, "application/octet-stream", {instance.transfer_syntax})
+    dataset = dcmread(instance.path)
+    if "PixelData" not in dataset or instance.transfer_syntax not in _NATIVE:
+        raise Problem(404, "no_frames", "this instance has no native pixel data")
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    size = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.SamplesPerPixel)
+            * int(dataset.BitsAllocated) // 8)
+    if not numbers or any(n < 1 or n > count for n in numbers):
+        raise Problem(404, "frame_not_found", f"this instance has {count} frame(s)")
+    pixels = bytes(dataset.PixelData)
+    parts = [(pixels[(n - 1) * size:n * size],
+              {"Content-Type": "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"})
+             for n in numbers]
+    return _multipart(parts, "application/octet-stream", "1.2.840.10008.1.2.1")

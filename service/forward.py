@@ -1,0 +1,469 @@
+"""Results back to the PACS: every finished analysis' SC series and SR are sent to each
+configured destination (:mod:`service.destinations`), with retries and exponential backoff.
+
+State lives in the spool database (table ``deliveries``, one row per analysis and
+destination), so a restart resumes what was pending:
+
+* ``pending`` — waiting for its next attempt (``next_attempt``, epoch seconds);
+* ``sending`` — claimed by one process (``owner``, its lease token) and in progress; a row
+  whose owner died goes back to ``pending``;
+* ``sent`` — every instance accepted by the destination;
+* ``failed`` — ``delivery_max_attempts`` attempts failed; ``last_error`` says why.
+
+A failed attempt waits ``delivery_backoff_s × 2^(attempts−1)`` (at most
+``delivery_backoff_max_s``, plus up to 10 % jitter) before the next one. Rows name their
+destination: a destination removed from the settings leaves its rows as they are (pending rows
+resume if it comes back under the same name).
+
+Several processes share the table: a row is claimed with a compare-and-set on its state, so
+one result is sent to one destination by one process at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.destinations import Destination
+
+log = logging.getLogger(__name__)
+
+DELIVERIES = Counter(
+    "flaircad_result_deliveries_total",
+    "Attempts to send a result (SC series + SR) to a destination, by outcome: sent, retry "
+    "(failed, will be tried again), failed (gave up)", ("destination", "kind", "outcome"))
+DELIVERY_DURATION = Histogram(
+    "flaircad_result_delivery_duration_seconds", "Duration of one delivery attempt",
+    ("kind",), buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    analysis_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT,
+    instances INTEGER,
+    owner TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (analysis_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt);
+"""
+_COLUMNS = ("analysis_id, destination, kind, state, attempts, next_attempt, last_error, "
+            "instances, owner, created, updated")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    analysis_id: str
+    destination: str
+    kind: str
+    state: DeliveryState
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    instances: int | None
+    owner: str | None
+    created: float
+    updated: float
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``GET /v1/analyses/{id}`` shows (no owner token, times as epoch seconds)."""
+        return {"destination": self.destination, "kind": self.kind, "state": str(self.state),
+                "attempts": self.attempts, "last_error": self.last_error,
+                "instances": self.instances, "updated": self.updated,
+                "next_attempt": (self.next_attempt if self.state is DeliveryState.PENDING
+                                 else None)}
+
+
+class DeliveryStore:
+    """The ``deliveries`` table in the spool's SQLite database (its own connection)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def plan(self, analysis_id: str, destinations: Iterable[Destination],
+             now: float | None = None) -> int:
+        """One pending row per destination (none if it exists already); how many were new."""
+        now = time.time() if now is None else now
+        added = 0
+        with self._lock:
+            for destination in destinations:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO deliveries (analysis_id, destination, kind, state, "
+                    "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?)",
+                    (analysis_id, destination.name, destination.kind, DeliveryState.PENDING,
+                     now, now, now))
+                added += cursor.rowcount
+        return added
+
+    def claim_due(self, names: Iterable[str], owner: str, now: float | None = None,
+                  limit: int = 8) -> list[Delivery]:
+        """Pending rows of these destinations whose time has come, now ``sending`` for
+        ``owner`` (compare-and-set: a row another process claimed first is skipped)."""
+        now = time.time() if now is None else now
+        names = list(names)
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        claimed: list[Delivery] = []
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT analysis_id, destination FROM deliveries WHERE state=? AND "
+                f"next_attempt<=? AND destination IN ({marks}) ORDER BY next_attempt LIMIT ?",
+                (DeliveryState.PENDING, now, *names, limit)).fetchall()
+            for analysis_id, destination in rows:
+                cursor = self._db.execute(
+                    "UPDATE deliveries SET state=?, owner=?, updated=? WHERE analysis_id=? AND "
+                    "destination=? AND state=?",
+                    (DeliveryState.SENDING, owner, now, analysis_id, destination,
+                     DeliveryState.PENDING))
+                if cursor.rowcount == 1:
+                    claimed.append(self._get(analysis_id, destination))
+        return claimed
+
+    def record(self, analysis_id: str, destination: str, state: DeliveryState, *,
+               attempts: int, next_attempt: float | None = None, error: str | None = None,
+               instances: int | None = None) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "UPDATE deliveries SET state=?, attempts=?, next_attempt=COALESCE(?, "
+                "next_attempt), last_error=?, instances=COALESCE(?, instances), owner=NULL, "
+                "updated=? WHERE analysis_id=? AND destination=?",
+                (state, attempts, next_attempt, error, instances, now, analysis_id,
+                 destination))
+
+    def release(self, owner_alive: Callable[[str | None], bool]) -> int:
+        """``sending`` rows whose owner process is gone go back to ``pending`` (now)."""
+        released = 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT analysis_id, destination, owner FROM deliveries WHERE state=?",
+                (DeliveryState.SENDING,)).fetchall()
+        for analysis_id, destination, owner in rows:
+            if owner_alive(owner):
+                continue
+            with self._lock:
+                cursor = self._db.execute(
+                    "UPDATE deliveries SET state=?, owner=NULL, next_attempt=?, updated=? "
+                    "WHERE analysis_id=? AND destination=? AND state=? AND owner IS ?",
+                    (DeliveryState.PENDING, time.time(), time.time(), analysis_id,
+                     destination, DeliveryState.SENDING, owner))
+                released += cursor.rowcount
+        return released
+
+    def next_due(self, names: Iterable[str]) -> float | None:
+        names = list(names)
+        if not names:
+            return None
+        marks = ",".join("?" * len(names))
+        with self._lock:
+            (value,) = self._db.execute(
+                f"SELECT MIN(next_attempt) FROM deliveries WHERE state=? AND destination IN "
+                f"({marks})", (DeliveryState.PENDING, *names)).fetchone()
+        return float(value) if value is not None else None
+
+    def of_analysis(self, analysis_id: str) -> list[Delivery]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE analysis_id=? ORDER BY destination",
+                (analysis_id,)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(destination, state) → rows."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, "
+                "state").fetchall()
+        return {(destination, state): int(n) for destination, state, n in rows}
+
+    def _get(self, analysis_id: str, destination: str) -> Delivery:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE analysis_id=? AND destination=?",
+            (analysis_id, destination)).fetchone()
+        return _delivery(row)
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    (analysis_id, destination, kind, state, attempts, next_attempt, last_error, instances,
+     owner, created, updated) = row
+    return Delivery(analysis_id, destination, kind, DeliveryState(state), int(attempts),
+                    float(next_attempt), last_error, instances, owner, created, updated)
+
+
+# -- senders --------------------------------------------------------------------------------
+class DeliveryError(Exception):
+    """One attempt failed; the message goes into ``last_error`` (no credentials, no UIDs)."""
+
+
+def result_files(folder: Path) -> list[Path]:
+    """The DICOM outputs of one analysis: the SC series, then the SR."""
+    return [*sorted((folder / "sc").glob("*.dcm")), *(p for p in [folder / "sr.dcm"]
+                                                      if p.is_file())]
+
+
+def send_stow(destination: Destination, files: list[Path]) -> int:
+    """POST every file in one multipart/related request to ``<url>/studies``."""
+    import httpx
+
+    boundary = f"flaircad-{uuid.uuid4().hex}"
+    chunks: list[bytes] = []
+    for path in files:
+        data = path.read_bytes()
+        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n".encode(), data, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    headers = {key: value.get_secret_value() for key, value in destination.headers.items()}
+    headers.update({"Content-Type": f'multipart/related; type="application/dicom"; '
+                                    f"boundary={boundary}",
+                    "Accept": "application/dicom+json"})
+    auth = None
+    if destination.username is not None and destination.password is not None:
+        auth = (destination.username, destination.password.get_secret_value())
+    url = (destination.url or "").rstrip("/") + "/studies"
+    try:
+        response = httpx.post(url, content=b"".join(chunks), headers=headers, auth=auth,
+                              timeout=destination.timeout_s, verify=destination.verify_tls)
+    except httpx.HTTPError as error:
+        raise DeliveryError(f"{type(error).__name__}: {error}"[:300]) from None
+    if response.status_code not in (200, 202):
+        raise DeliveryError(f"HTTP {response.status_code} {response.reason_phrase}")
+    failed: list[Any] = []
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        failed = response.json().get("00081198", {}).get("Value") or []  # FailedSOPSequence
+    if response.status_code == 202 or failed:
+        reasons = sorted({str(item.get("00081197", {}).get("Value", ["?"])[0])
+                          for item in failed if isinstance(item, dict)})
+        raise DeliveryError(f"HTTP {response.status_code}: {len(failed)} of {len(files)} "
+                            f"instances refused (FailureReason {', '.join(reasons) or '?'})")
+    return len(files)
+
+
+# SOP classes flaircad writes, and the transfer syntaxes proposed for them
+_STORE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+_SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def send_cstore(destination: Destination, files: list[Path], calling_ae_title: str) -> int:
+    """One association, one C-STORE per file."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    headers = [dcmread(path, stop_before_pixels=True) for path in files]
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
+    ae.connection_timeout = min(destination.timeout_s, 30.0)
+    for sop_class in sorted({str(h.SOPClassUID) for h in headers}):
+        syntaxes = sorted({str(h.file_meta.TransferSyntaxUID) for h in headers
+                           if str(h.SOPClassUID) == sop_class} | set(_STORE_TRANSFER_SYNTAXES))
+        ae.add_requested_context(sop_class, syntaxes)
+    assert destination.host is not None and destination.port is not None
+    association = ae.associate(destination.host, destination.port,
+                               ae_title=destination.ae_title or "ANY-SCP")
+    if not association.is_established:
+        why = "rejected" if association.is_rejected else (
+            "aborted" if association.is_aborted else "no association")
+        raise DeliveryError(f"association {why} by {destination.describe()}")
+    try:
+        for path in files:
+            status = association.send_c_store(path)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code not in _SUCCESS_OR_WARNING:
+                raise DeliveryError(
+                    "C-STORE failed: " + (f"status 0x{code:04X}" if code >= 0
+                                          else "no response (connection lost or timed out)"))
+    finally:
+        if association.is_established:
+            association.release()
+    return len(files)
+
+
+# -- the delivery loop ------------------------------------------------------------------------
+class DeliveryCollector(Collector):
+    """``flaircad_result_deliveries{destination, state}``: rows in the spool database (every
+    process's), computed when scraped."""
+
+    def __init__(self, store: DeliveryStore) -> None:
+        self.store = store
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("flaircad_result_deliveries", "", labels=["destination",
+                                                                          "state"])
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "flaircad_result_deliveries", "Results per destination and delivery state "
+            "(pending, sending, sent, failed), from the spool database",
+            labels=["destination", "state"])
+        try:
+            counts = self.store.counts()
+        except sqlite3.Error as error:  # a busy database must not take /metrics with it
+            log.warning("delivery counts unavailable: %s", type(error).__name__)
+            return
+        for (destination, state), n in sorted(counts.items()):
+            family.add_metric([destination, state], n)
+        yield family
+
+
+class Forwarder:
+    """Plans a delivery per destination when an analysis is done (:meth:`result_ready`, from
+    any thread) and sends them from an asyncio task, in a small thread pool."""
+
+    def __init__(self, destinations: list[Destination], store: DeliveryStore,
+                 result_folder: Callable[[str], Path], owner: str,
+                 owner_alive: Callable[[str | None], bool], *, calling_ae_title: str,
+                 max_attempts: int, backoff_s: float, backoff_max_s: float,
+                 poll_s: float = 1.0) -> None:
+        self.destinations = {d.name: d for d in destinations}
+        self.store, self._result_folder = store, result_folder
+        self.owner, self._owner_alive = owner, owner_alive
+        self.calling_ae_title = calling_ae_title
+        self.max_attempts, self.backoff_s, self.backoff_max_s = (max_attempts, backoff_s,
+                                                                 backoff_max_s)
+        self.poll_s = poll_s
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delivery")
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        released = self.store.release(self._owner_alive)
+        if released:
+            log.info("deliveries of a process that is gone resume", extra={"n": released})
+        if self.destinations:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # an attempt in progress finishes (bounded by the destination's timeout); its row is
+        # recorded, or left "sending" and released by the next start
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+
+    # -- input -------------------------------------------------------------------------------
+    def result_ready(self, analysis_id: str) -> None:
+        """An analysis is done: plan its deliveries. Thread-safe."""
+        if not self.destinations:
+            return
+        self.store.plan(analysis_id, self.destinations.values())
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def deliveries(self, analysis_id: str) -> list[dict[str, Any]]:
+        return [d.to_json() for d in self.store.of_analysis(analysis_id)]
+
+    # -- internals ---------------------------------------------------------------------------
+    def backoff(self, attempts: int) -> float:
+        delay = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, attempts - 1))
+        return delay * (1 + 0.1 * random.random())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        last_release = time.monotonic()
+        while True:
+            try:
+                claimed = self.store.claim_due(self.destinations, self.owner)
+                if claimed:
+                    await asyncio.gather(*(loop.run_in_executor(self._executor, self._attempt,
+                                                                row) for row in claimed))
+                    continue
+                if time.monotonic() - last_release > 30:
+                    last_release = time.monotonic()
+                    self.store.release(self._owner_alive)
+                due = self.store.next_due(self.destinations)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database busy for 30 s, say: try again shortly
+                log.exception("delivery loop error")
+                due = None
+            wait = self.poll_s if due is None else min(self.poll_s,
+                                                        max(0.0, due - time.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, wait))
+
+    def _attempt(self, row: Delivery) -> None:
+        destination = self.destinations[row.destination]
+        attempts = row.attempts + 1
+        started = time.perf_counter()
+        extra = {"analysis_id": row.analysis_id, "destination": destination.name,
+                 "kind": destination.kind, "attempt": attempts}
+        try:
+            files = result_files(self._result_folder(row.analysis_id))
+            if not files:
+                raise DeliveryError("the result files are gone from the spool")
+            if destination.kind == "stow":
+                sent = send_stow(destination, files)
+            else:
+                sent = send_cstore(destination, files, self.calling_ae_title)
+        except Exception as error:
+            message = str(error) if isinstance(error, DeliveryError) else (
+                f"{type(error).__name__}: {error}"[:300])
+            DELIVERY_DURATION.labels(kind=destination.kind).observe(
+                time.perf_counter() - started)
+            if attempts >= self.max_attempts:
+                self.store.record(row.analysis_id, row.destination, DeliveryState.FAILED,
+                                  attempts=attempts, error=message)
+                DELIVERIES.labels(destination.name, destination.kind, "failed").inc()
+                log.error("result delivery failed for good", extra={**extra, "error": message})
+            else:
+                delay = self.backoff(attempts)
+                self.store.record(row.analysis_id, row.destination, DeliveryState.PENDING,
+                                  attempts=attempts, next_attempt=time.time() + delay,
+                                  error=message)
+                DELIVERIES.labels(destination.name, destination.kind, "retry").inc()
+                log.warning("result delivery failed; will retry",
+                            extra={**extra, "error": message, "retry_in_s": round(delay, 1)})
+            return
+        DELIVERY_DURATION.labels(kind=destination.kind).observe(time.perf_counter() - started)
+        self.store.record(row.analysis_id, row.destination, DeliveryState.SENT,
+                          attempts=attempts, instances=sent)
+        DELIVERIES.labels(destination.name, destination.kind, "sent").inc()
+        log.info("result delivered", extra={**extra, "instances": sent})
