@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import threading
@@ -41,8 +42,8 @@ def _drain_on_sigterm(scheduler: Scheduler, grace_s: float) -> Callable[[], None
     a sync client's queued analysis would be cut off. Instead the first SIGTERM starts a drain:
     readiness answers 503 ``draining``, new STOW-RS and analyses get 503 + Retry-After, queued
     and running analyses finish (at most ``grace_s``); then uvicorn's own handler runs and
-    shuts down as usual. A second SIGTERM goes straight to uvicorn. Signals exist only in the
-    main thread: a server run in another thread (tests) keeps its plain behaviour."""
+    shuts down as usual. A second SIGTERM ends the grace period at once. Signals exist only in
+    the main thread: a server run in another thread (tests) keeps its plain behaviour."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGTERM)
@@ -62,18 +63,21 @@ def _drain_on_sigterm(scheduler: Scheduler, grace_s: float) -> Callable[[], None
         pass_on(signum, None)
 
     def start_drain(signum: int) -> None:
+        log.info("SIGTERM: draining", extra={"grace_s": grace_s})
         task = loop.create_task(drain_then_exit(signum))
         pending.add(task)
         task.add_done_callback(pending.discard)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         nonlocal started
-        if started:
+        if started:  # a second SIGTERM: stop waiting for analyses, shut down now
+            scheduler.end_grace_now()
             pass_on(signum, frame)
             return
         started = True
-        log.info("SIGTERM: draining", extra={"grace_s": grace_s})
-        loop.call_soon_threadsafe(start_drain, signum)
+        # An empty context: the signal lands in whatever request was running, and the drain
+        # must not log under that request's id.
+        loop.call_soon_threadsafe(start_drain, signum, context=contextvars.Context())
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

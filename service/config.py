@@ -47,7 +47,8 @@ class Settings(BaseSettings):
         1, ge=1, description="uvicorn worker processes (`flaircad serve --workers`); each has "
         "its own analysis threads and queue; metrics are merged (prometheus-client "
         "multiprocess mode)")
-    max_queue: int = Field(16, ge=1, description="analyses waiting; beyond it HTTP 503")
+    max_queue: int = Field(16, ge=1, description="analyses waiting (per process); beyond it "
+                           "HTTP 503")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with HTTP 503")
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM: how long queued and running analyses may take to "

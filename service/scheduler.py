@@ -144,6 +144,11 @@ class Scheduler:
                             extra={"queued": self.queue_depth, "in_flight": self._in_flight})
         return self.idle
 
+    def end_grace_now(self) -> None:
+        """Stop waiting for analyses (a second SIGTERM); they resume on the next start."""
+        self.begin_drain()
+        self._drain_deadline = time.monotonic()
+
     async def stop(self, grace_s: float = 0.0) -> None:
         drained = await self.drain(grace_s)
         for task in self._tasks:

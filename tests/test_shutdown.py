@@ -93,12 +93,13 @@ def test_the_grace_period_bounds_the_drain_and_a_restart_resumes(
         took = time.monotonic() - started
     finally:
         server.kill()
-    assert status in (0, -15), status
+    tail = "\n".join(server.log_lines()[-15:])
+    assert status in (0, -15), f"exit status {status}:\n{tail}"
     statuses = _statuses(server.folder / "spool")
     left = [a for a in accepted if statuses[a] != "done"]
     assert left, f"all 5 analyses finished in {took:.1f} s: the grace period did not bound it"
     records = [json.loads(line) for line in server.log_lines()]
-    assert any(r["event"].startswith("grace period over") for r in records)
+    assert any(r["event"].startswith("grace period over") for r in records), tail
 
     again = ServerProcess(tmp_path / "server", env=env).start()
     try:
@@ -111,3 +112,23 @@ def test_the_grace_period_bounds_the_drain_and_a_restart_resumes(
     finally:
         again.stop()
     assert set(_statuses(server.folder / "spool").values()) == {"done"}
+
+
+def test_a_second_sigterm_ends_the_grace_period(tmp_path: Path,
+                                                phantom_series: PhantomFactory) -> None:
+    files = sorted(phantom_series(label="cSVD", seed=52).glob("*.dcm"))
+    body, headers = related([p.read_bytes() for p in files])
+    server = ServerProcess(tmp_path / "server", env={
+        "FLAIRCAD_SHUTDOWN_GRACE_S": "600",
+        "FLAIRCAD_PROVIDERS": '["CPUExecutionProvider"]'}).start()
+    try:
+        accepted = _queue(server, body, headers, 6)
+        server.signal()
+        time.sleep(0.3)
+        server.signal()
+        status = server.wait(timeout=60)
+    finally:
+        server.kill()
+    assert status in (0, -15), status
+    statuses = _statuses(server.folder / "spool")
+    assert any(statuses[a] != "done" for a in accepted), statuses
