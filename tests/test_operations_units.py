@@ -5,6 +5,7 @@ formatter's PHI policy, request ids, readiness checks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -17,6 +18,7 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,20 +351,28 @@ def test_incoming_request_ids_are_kept_only_when_they_look_like_ids(incoming: st
 
 
 # -- readiness ----------------------------------------------------------------------------------
-def test_readiness_reports_each_check(tmp_path: Path) -> None:
-    settings = Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"])
-    app = create_app(settings)
+@contextlib.contextmanager
+def _in_thread(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread (no signals there); yields its URL once ready."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while getattr(app.state, "runtime", None) is None or not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_readiness_reports_each_check(tmp_path: Path) -> None:
+    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"]))
+    with _in_thread(app) as url:
         ready = httpx.get(url + "/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         checks = ready.json()["checks"]
@@ -384,6 +394,34 @@ def test_readiness_reports_each_check(tmp_path: Path) -> None:
         draining = httpx.get(url + "/readyz")
         assert draining.status_code == 503 and draining.json()["status"] == "draining"
         assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_an_unhandled_error_is_a_counted_500_logged_under_its_request(tmp_path: Path) -> None:
+    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"]))
+
+    def boom(item: str) -> None:
+        raise RuntimeError(f"value {item} must not be logged")
+
+    app.add_api_route("/boom/{item}", boom)
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(logs.JsonFormatter().format(record)))
+
+    handler = Collect()
+    logging.getLogger("service").addHandler(handler)
+    try:
+        with _in_thread(app) as url:
+            response = httpx.get(url + "/boom/Doe-Jane", headers={"X-Request-ID": "boom-0001"})
+            samples = parse_samples(httpx.get(url + "/metrics").text)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        logging.getLogger("service").removeHandler(handler)
+        logging.captureWarnings(False)
+    assert response.status_code == 500 and response.json()["code"] == "internal_error"
+    assert value(samples, "flaircad_http_request_duration_seconds_count", route="/boom/{item}",
+                 method="GET", status="500") == 1
+    (error,) = [line for line in lines if line["event"] == "unhandled error"]
+    assert error["request_id"] == "boom-0001" and error["route"] == "/boom/{item}"
+    assert error["exception"]["type"] == "RuntimeError"
+    assert "Doe" not in json.dumps(lines)

@@ -54,8 +54,10 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_with_id)
+            failed = False
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
@@ -69,4 +71,7 @@ class RequestContext:
                 "method": method, "route": route, "status": status,
                 "duration_ms": round(duration * 1000, 1),
                 "client": client[0] if client else None})
-            logs.REQUEST_ID.reset(token)
+            # After an exception the id stays set: the server's error handler logs this same
+            # request next, in this request's own task (a context nobody else shares).
+            if not failed:
+                logs.REQUEST_ID.reset(token)
