@@ -123,6 +123,7 @@ def config(level: str = "info") -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             # chatty below WARNING and withheld anyway; their warnings still show (withheld)
             **{name: {"level": "WARNING"} for name in (
-                "pydicom", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "PIL")},
+                "pydicom", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "PIL",
+                "pynetdicom")},
         },
     }

@@ -60,16 +60,20 @@ def dcmtk(command: str) -> str:
 # -- auth (issue 6): the service may ask for a bearer token on its routes -----------------------
 def auth_settings() -> dict[str, Any]:
     """Settings that make test requests pass the service's authentication, whatever it is:
-    the key below where the service has API keys, nothing where it has none."""
+    the key below where the service takes API keys in its settings, authentication switched
+    off where it only has that switch, nothing where it has no authentication."""
     fields = Settings.model_fields
     for name in ("api_keys", "api_key"):
         if name in fields:
             return {name: [API_KEY] if "list" in str(fields[name].annotation) else API_KEY}
+    if "auth_disabled" in fields:
+        return {"auth_disabled": True}
     return {}
 
 
 def auth_headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_KEY}"} if auth_settings() else {}
+    uses_key = any(name in auth_settings() for name in ("api_keys", "api_key"))
+    return {"Authorization": f"Bearer {API_KEY}"} if uses_key else {}
 
 
 # -- flaircad in a thread ---------------------------------------------------------------------
@@ -147,14 +151,16 @@ def wait_until(probe: Callable[[], Any], timeout: float, what: str,
 
 # -- Orthanc ------------------------------------------------------------------------------------
 AUTOROUTE_LUA = """
--- Route every new MR series to flaircad, never flaircad's own results: those are not MR
--- (the Grad-CAM Secondary Capture series is OT, the report is SR) and their Manufacturer is
--- "flaircad". Either test alone avoids the loop; both are kept, so that neither a change of
--- modality nor a scanner vendor's name can open it.
+-- Route every new MR series to flaircad, never flaircad's own results (README, "Connect your
+-- PACS"): those are not MR (the Grad-CAM Secondary Capture series is OT, the report SR), their
+-- Manufacturer is "flaircad" and their SeriesDescription starts with "flaircad". Any one test
+-- stops the loop; all are kept, so that a PACS rewriting one of them cannot open it.
 function OnStableSeries(seriesId, tags, metadata)
   local modality = tags['Modality'] or ''
   local manufacturer = tags['Manufacturer'] or ''
-  if modality ~= 'MR' or manufacturer == 'flaircad' then
+  local description = string.lower(tags['SeriesDescription'] or '')
+  if modality ~= 'MR' or manufacturer == 'flaircad' or
+      string.sub(description, 1, 8) == 'flaircad' then
     print('flaircad autoroute: skipping series ' .. seriesId .. ' (' .. modality .. ', ' ..
           manufacturer .. ')')
     return

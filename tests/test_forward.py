@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -253,6 +254,45 @@ def test_c_store_delivery_and_failures_that_give_up(
                      outcome="failed") == 1
         assert value(samples, "flaircad_result_deliveries", destination=name,
                      state="failed") == 1
+
+
+def test_results_routed_back_by_mistake_stop_after_one_bounce(
+        tmp_path: Path, phantom_series: PhantomFactory, started: list[Flaircad]) -> None:
+    """A PACS that (wrongly) routes flaircad's results back: the SR is refused, the SC series
+    is rejected (not_mr), and nothing new is sent."""
+    with StowReceiver() as receiver:
+        destination = Destination(name="pacs-loop", kind="stow", url=receiver.url)
+        settings = flaircad_settings(tmp_path / "spool", destinations=[destination],
+                                     stability_window_s=0.5)
+        server = Flaircad(settings, free_port()).start()
+        started.append(server)
+        analysis = _analyse(server, phantom_series(label="MS", seed=85, slices=SLICES))
+        wait_until(lambda: receiver.requests, 30, "the result delivery")
+        (request,) = receiver.requests
+        parts = []
+        for ds in request["datasets"]:
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            parts.append(buffer.getvalue())
+        boundary = "bounce"
+        body = b"".join(b"--bounce\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                        for p in parts) + b"--bounce--\r\n"
+        response = httpx.post(server.url + "/dicomweb/studies", content=body, timeout=60,
+                              headers={**auth_headers(), "Content-Type": 'multipart/related; '
+                                       f'type="application/dicom"; boundary={boundary}'})
+        assert response.status_code == 202  # the SC instances stored, the SR refused
+        (refused,) = response.json()["00081198"]["Value"]
+        assert refused["00081197"]["Value"] == [0x0122]
+
+        study = analysis["study_instance_uid"]
+        analyses = wait_until(lambda: len(server.analyses(study)) == 2
+                              and server.wait_for_study(study), 60, "the bounced series")
+        bounced = [a for a in analyses if a["analysis_id"] != analysis["analysis_id"]]
+        assert bounced[0]["status"] == "rejected"
+        assert bounced[0]["problem"]["code"] == "not_mr"
+        assert server.analysis(bounced[0]["analysis_id"]).get("deliveries") is None
+        time.sleep(1.0)
+        assert len(receiver.requests) == 1  # nothing else was sent
 
 
 def test_no_destinations_no_deliveries(tmp_path: Path, phantom_series: PhantomFactory,
