@@ -27,6 +27,14 @@ Rules that are policy, not physics (documented in the README):
 * **Memory.** Top-level private binary values over 16 KiB are dropped when a file is read
   (vendor protocol dumps; Siemens' CSA image header excepted): nothing in flaircad reads them
   and on small matrices they would outweigh the pixel data several times.
+* **Hostile files.** Checked before and while parsing, because pydicom trusts its input: a
+  Deflated Explicit VR file is inflated by pydicom in one ``zlib.decompress`` call, so its
+  inflated size is measured first, in bounded steps (``inflated_too_large`` beyond
+  :data:`MAX_INFLATED_BYTES`); sequence items cost pydicom about a kilobyte each whatever
+  their size, so a file with more than :data:`MAX_SEQUENCE_ITEMS` item tags is refused
+  (``too_many_items``); sequences are parsed recursively, so nesting deeper than
+  :data:`MAX_SEQUENCE_DEPTH` is refused (``nesting_too_deep``) before anything else recurses
+  into it.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +67,12 @@ PRIVATE_BLOB_LIMIT = 16 * 1024
 POSITION_DECIMALS = 2  # positions equal to 0.01 mm are one slice position
 ORIENTATION_TOL = 1e-3  # max abs difference between direction cosines of one series
 PIXEL_SPACING_RTOL = 1e-3
+# Hostile-input bounds (module docstring). Real MR headers nest 4-5 levels deep (enhanced
+# multi-frame functional groups) and carry about 20 items per frame.
+MAX_INFLATED_BYTES = 256 * 1024**2
+MAX_SEQUENCE_ITEMS = 200_000
+MAX_SEQUENCE_DEPTH = 16
+DEFLATED_EXPLICIT_VR = "1.2.840.10008.1.2.1.99"
 
 
 class Code(StrEnum):
@@ -70,6 +86,9 @@ class Code(StrEnum):
     DICOMDIR = "dicomdir"
     NO_PIXEL_DATA = "no_pixel_data"
     MISSING_UID = "missing_uid"
+    INFLATED_TOO_LARGE = "inflated_too_large"
+    TOO_MANY_ITEMS = "too_many_items"
+    NESTING_TOO_DEEP = "nesting_too_deep"
     # series rejected
     NOT_MR = "not_mr"
     MOSAIC = "mosaic"
@@ -104,6 +123,9 @@ CODE_DESCRIPTIONS: Mapping[Code, str] = {
     Code.DICOMDIR: "skip: a DICOMDIR (media directory), not an image",
     Code.NO_PIXEL_DATA: "skip: no Pixel Data (SR, presentation state, header-only file)",
     Code.MISSING_UID: "skip: no Study/Series/SOP Instance UID",
+    Code.INFLATED_TOO_LARGE: "skip: a deflated file that inflates beyond 256 MiB (deflate bomb)",
+    Code.TOO_MANY_ITEMS: "skip: more than 200 000 sequence items (memory bomb)",
+    Code.NESTING_TOO_DEEP: "skip: sequences nested more than 16 levels deep",
     Code.NOT_MR: "reject: Modality is not MR (e.g. CT)",
     Code.MOSAIC: "reject: Siemens/UIH mosaic (many slices tiled in one image)",
     Code.UNSUPPORTED_PIXELS: "reject: colour or multi-sample pixels",
@@ -234,10 +256,16 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
     # One read of the bytes, one parse: pydicom keeps the (encoded) pixel bytes for later.
     head = data[:132]
     has_prefix = head[128:132] == b"DICM"
+    bomb = _bomb(data, has_prefix)
+    if bomb is not None:
+        return Skipped(bomb.code, bomb.message, label)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_prefix)
+            too_deep = _too_deep(ds)
+        except RecursionError:  # nesting that pydicom had to parse eagerly (undefined lengths)
+            too_deep = Notice(Code.NESTING_TOO_DEEP, "sequences nested too deeply to parse")
         except (EOFError, ValueError) as error:
             if not has_prefix:
                 return Skipped(Code.NOT_DICOM, _describe_magic(head), label)
@@ -247,6 +275,8 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
                 return Skipped(Code.NOT_DICOM, _describe_magic(head), label)
             return Skipped(Code.CORRUPT, f"{type(error).__name__}: {error}", label)
     del data
+    if too_deep is not None:
+        return Skipped(too_deep.code, too_deep.message, label)
     # pydicom keeps the source buffer for deferred reads; nothing is deferred here, and the
     # whole file's bytes would otherwise stay alive as long as the dataset.
     ds.buffer = None
@@ -255,6 +285,96 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
     if isinstance(outcome, Instance):
         _drop_private_blobs(outcome.dataset)
     return outcome
+
+
+def _meta_end(data: bytes) -> tuple[int, str]:
+    """Where the file meta group (explicit VR little endian after 'DICM') ends, and its
+    TransferSyntaxUID; read by hand so that nothing is inflated on the way."""
+    position, syntax = 132, ""
+    long_vrs = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN"}
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            break
+        vr = data[position + 4 : position + 6]
+        if vr in long_vrs:
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            start = position + 8
+        if element == 0x0010:
+            syntax = data[start : start + length].decode("latin-1").strip("\x00 ")
+        position = start + length
+    return position, syntax
+
+
+def _bomb(data: bytes, has_prefix: bool) -> Notice | None:
+    """A memory bomb, found before pydicom allocates for it (module docstring)."""
+    if has_prefix:
+        end, syntax = _meta_end(data)
+        if syntax == DEFLATED_EXPLICIT_VR:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflated = 0
+            pending = memoryview(data)[end:]
+            try:  # in bounded steps: the output of one call is at most 16 MiB
+                while pending and inflated <= MAX_INFLATED_BYTES:
+                    chunk = inflater.decompress(pending, 16 * 1024**2)
+                    inflated += len(chunk)
+                    if len(chunk) == 0 and not inflater.unconsumed_tail:
+                        break
+                    pending = memoryview(inflater.unconsumed_tail)
+            except zlib.error:
+                return None  # corrupt: pydicom says so when it reads it
+            if inflated > MAX_INFLATED_BYTES:
+                return Notice(Code.INFLATED_TOO_LARGE, f"the deflated dataset inflates beyond "
+                              f"{MAX_INFLATED_BYTES} bytes")
+            # deflated items are only countable once inflated: inflate again, now bounded
+            try:
+                data = zlib.decompress(data[end:], -zlib.MAX_WBITS)
+            except zlib.error:
+                return None
+    items = data.count(b"\xfe\xff\x00\xe0") + data.count(b"\xff\xfe\xe0\x00")
+    if items > MAX_SEQUENCE_ITEMS:
+        return Notice(Code.TOO_MANY_ITEMS, f"{items} sequence items (more than "
+                      f"{MAX_SEQUENCE_ITEMS})")
+    return None
+
+
+def _too_deep(ds: Dataset) -> Notice | None:
+    """Walk the sequences level by level (no recursion, each level parsed once, as later
+    readers would parse it anyway) and refuse nesting beyond :data:`MAX_SEQUENCE_DEPTH`."""
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        # keys(), not iteration: iterating would convert every raw element
+        for tag in list(current.keys()):
+            raw = current.get_item(tag)
+            vr = getattr(raw, "VR", None)
+            if vr in (None, "UN"):
+                vr = _dictionary_vr(tag) or vr
+            if vr != "SQ":
+                continue
+            try:
+                value = current[tag].value
+            except RecursionError:
+                raise
+            except Exception:  # malformed: left as it was, for whoever reads it to judge
+                continue
+            if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+                continue
+            if depth + 1 > MAX_SEQUENCE_DEPTH and len(value):
+                return Notice(Code.NESTING_TOO_DEEP, "sequences nested more than "
+                              f"{MAX_SEQUENCE_DEPTH} levels deep")
+            stack.extend((item, depth + 1) for item in value if isinstance(item, Dataset))
+    return None
+
+
+def _dictionary_vr(tag: Any) -> str | None:
+    try:
+        return str(pydicom.datadict.dictionary_VR(tag))
+    except KeyError:
+        return None
 
 
 def _drop_private_blobs(ds: Dataset) -> None:
