@@ -300,7 +300,7 @@ def test_no_destinations_no_deliveries(tmp_path: Path, phantom_series: PhantomFa
     server = Flaircad(flaircad_settings(tmp_path / "spool"), free_port()).start()
     started.append(server)
     analysis = _analyse(server, phantom_series(label="MS", seed=83, slices=SLICES))
-    assert server.analysis(analysis["analysis_id"]).get("deliveries") == []
+    assert server.analysis(analysis["analysis_id"]).get("deliveries") is None
 
 
 def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:

@@ -145,9 +145,9 @@ def list_analyses(
             responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
 def get_analysis(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
     analysis = view(_record_or_404(rt, analysis_id))
-    if rt.pacs is not None and analysis.status == "done":  # results sent to the PACS
-        analysis.deliveries = [Delivery.model_validate(d)
-                               for d in rt.pacs.deliveries(analysis.analysis_id)]
+    deliveries = rt.pacs.deliveries(analysis.analysis_id) if rt.pacs is not None else []
+    if deliveries:  # results sent to the PACS (FLAIRCAD_DESTINATIONS)
+        analysis.deliveries = [Delivery.model_validate(d) for d in deliveries]
     return analysis
 
 

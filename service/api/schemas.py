@@ -89,8 +89,8 @@ class Analysis(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     problem: AnalysisProblem | None = Field(None, description="why it was rejected or failed")
     deliveries: list[Delivery] | None = Field(
-        None, description="GET /v1/analyses/{id} of a finished analysis: sending the result "
-        "to each configured destination (FLAIRCAD_DESTINATIONS)")
+        None, description="GET /v1/analyses/{id}: sending the result to each configured "
+        "destination (FLAIRCAD_DESTINATIONS); absent when there is none")
     intended_use: str = RESEARCH_USE
 
 
