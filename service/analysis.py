@@ -48,6 +48,7 @@ from service import overlay, sanitize, sc, sr
 from service.engine import EngineOutput, ModelInfo
 from service.flair import RuleSet, flair_rejection, load_rules, selection_attributes
 from service.ingest import Code, Series, Source, ingest
+from service.limits import Limits, series_refusal
 from service.preprocess import preprocess
 from service.volume import SeriesVolume, convert
 
@@ -231,9 +232,11 @@ def analyse(
     *,
     rules: RuleSet | None = None,
     accept_non_flair: bool = False,
+    limits: Limits | None = None,
 ) -> Analysis:
     """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
-    Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series."""
+    Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series, or one
+    larger than ``limits`` allow (checked on the headers, before any pixel is decoded)."""
     clock = _Clock()
     warnings: list[str] = []
 
@@ -242,6 +245,10 @@ def analyse(
     if ingested.skipped:
         warnings.append(_skipped_summary(Counter(str(s.code) for s in ingested.skipped)))
     series = _one_series(ingested.series, warnings)
+    if limits is not None:
+        too_large = series_refusal((i.dataset for i in series.instances), limits)
+        if too_large is not None:
+            raise AnalysisRejected(too_large[0], too_large[1], warnings)
     if series.modality == "MR":  # other modalities are refused by the volume stage (not_mr)
         match = (rules or load_rules()).evaluate(selection_attributes(series.first))
         refusal = flair_rejection(match, accept_non_flair)

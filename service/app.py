@@ -14,11 +14,14 @@ from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from service import metrics
+from service import audit, metrics
 from service.api import analyses, dicomweb, problems, system, wado
 from service.api.deps import Runtime
 from service.api.middleware import RequestContext
+from service.api.security import Authentication, SecurityHeaders, document_security
+from service.auth import Authenticator, check_configured
 from service.config import Settings
 from service.engine import Engine
 from service.pacs import PacsLink
@@ -99,9 +102,16 @@ def _cuda_device_id(engine: Engine) -> int:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # credentials are read once, here: a bad key file fails the start, not a request
+    authenticator = Authenticator.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_configured(settings, authenticator)  # on, but nothing to check against: stop
+        if settings.auth_disabled:
+            log.warning("authentication is DISABLED (FLAIRCAD_AUTH_DISABLED=true): anyone who "
+                        "reaches this port can send data and read results; use it only for a "
+                        "demo on 127.0.0.1", extra={"host": settings.host})
         metrics.forget_dead_processes()  # multiprocess mode: siblings that died unannounced
         started = time.perf_counter()
         engine = Engine(settings.model_path, settings.providers)
@@ -148,5 +158,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dicomweb.router)
     app.include_router(wado.router)
     app.include_router(analyses.router)
+    # outermost last: request id → security headers → CORS → authentication → routes
+    app.add_middleware(Authentication,
+                       authenticator=None if settings.auth_disabled else authenticator,
+                       audit=audit.trail(settings))
+    if settings.cors_allow_origins:  # closed unless origins are listed
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Prefer", "Accept",
+                                          "X-Request-ID"],
+                           expose_headers=["Location", "Retry-After", "X-Request-ID"])
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestContext)
+    document_security(app)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.destinations import AE_TITLE_PATTERN, Destination
@@ -80,3 +80,46 @@ class Settings(BaseSettings):
     dimse_allowed_calling_aes: list[str] = Field(
         default_factory=list, description="calling AE titles accepted by the DIMSE listener, "
         'a JSON list such as ["ORTHANC"]; empty: any')
+    # -- retention, limits, disk (README: Reliability) -----------------------------------------
+    retention_hours: float = Field(
+        168.0, ge=0, description="a finished analysis is deleted this long after it finished, "
+        "with its results, its spooled input and its database row (PHI does not linger); 0: "
+        "kept forever")
+    retention_sweep_interval_s: float = Field(
+        300.0, gt=0, description="how often expired analyses are looked for")
+    spool_max_fill: float = Field(
+        0.9, gt=0, le=1, description="refuse new data (HTTP 503 spool_full, C-STORE 0xA700) "
+        "while the spool's file system is fuller than this fraction")
+    max_instance_bytes: int = Field(
+        256 * 1024**2, gt=0, description="largest single instance (multipart part) accepted, "
+        "counted while it streams in (HTTP 413)")
+    max_instances_per_series: int = Field(
+        5000, ge=1, description="most instances in one series, and parts in one request")
+    max_matrix: int = Field(2048, ge=1, description="largest Rows and Columns accepted")
+    max_series_bytes: int = Field(
+        1024**3, gt=0, description="largest decoded series: Rows x Columns x frames x samples "
+        "x bytes per sample, summed over its instances")
+    # -- security (README: Security; docs/SECURITY.md) -----------------------------------------
+    auth_disabled: bool = Field(
+        False, description="serve without authentication (a warning at start-up); only for a "
+        "demo on 127.0.0.1 (`make serve`)")
+    api_keys: SecretStr | None = Field(
+        None, description="static API keys, comma- or newline-separated, each `name:key` (the "
+        "name is what the audit log records) or a bare key")
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one `name:key` per line (`#` comments): a "
+        "mounted secret")
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key that verifies bearer JWTs")
+    jwt_jwks_file: Path | None = Field(
+        None, description="JWKS (JSON) whose keys verify bearer JWTs, chosen by `kid`")
+    jwt_audience: str | None = Field(None, description="required `aud` of bearer JWTs")
+    jwt_issuer: str | None = Field(None, description="required `iss` of bearer JWTs")
+    jwt_algorithms: list[str] = Field(
+        ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"],
+        description="accepted JWT signature algorithms (asymmetric only)")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS, a JSON list; empty: CORS "
+        "closed")
+    audit_log: Path | None = Field(
+        None, description="the audit trail (JSON lines); default: audit.jsonl in the spool")

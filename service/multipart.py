@@ -10,11 +10,22 @@ Written for what real senders do, not only for what the RFCs allow:
 
 A part's ``Content-Length``, when present, is trusted only if the delimiter follows it;
 otherwise the delimiter alone ends the part (so binary bodies may contain anything).
+
+Two readers share those rules. :func:`parse_multipart` takes a whole body in memory (small
+bodies, tests). :class:`StreamingMultipart` is what the API uses: it is fed the body chunk by
+chunk as it arrives and hands each part's bytes to a sink (a file in the spool) as soon as they
+are known not to be a delimiter, so memory stays at a chunk plus one header block whatever the
+body's size. It ends a part at its delimiter and never needs ``Content-Length``; the one
+difference, which no real sender hits, is a part whose own bytes contain CRLF + ``--`` + the
+boundary: the streaming reader cuts it there (choose boundaries that do not occur in the data,
+as RFC 2046 asks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 MAX_BOUNDARY = 200
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -22,6 +33,14 @@ MAX_PART_HEADER_BYTES = 16 * 1024
 
 class MultipartError(ValueError):
     """The body or its Content-Type is not a multipart message we can read."""
+
+
+class PartTooLarge(MultipartError):
+    """One part is larger than the reader's ``max_part_bytes`` (HTTP 413)."""
+
+
+class TooManyParts(MultipartError):
+    """The body holds more parts than the reader's ``max_parts`` (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +109,17 @@ class Part:
 
     @property
     def filename(self) -> str | None:
-        disposition = self.headers.get("content-disposition")
-        if not disposition:
-            return None
-        return _parse_params(disposition.partition(";")[2]).get("filename")
+        return filename_of(self.headers)
+
+    def read(self) -> bytes:
+        return self.body
+
+
+def filename_of(headers: dict[str, str]) -> str | None:
+    disposition = headers.get("content-disposition")
+    if not disposition:
+        return None
+    return _parse_params(disposition.partition(";")[2]).get("filename")
 
 
 def boundary_of(media_type: MediaType) -> str:
@@ -173,3 +199,140 @@ def parse_multipart(body: bytes, boundary: str) -> list[Part]:
         parts.append(Part(headers, bytes(body_view[content_start:content_end])))
         position = next_delimiter + len(delimiter)
     return parts
+
+
+class PartSink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class StreamingMultipart:
+    """An incremental multipart reader (see the module docstring).
+
+    ``open_part(headers)`` is called for each part once its headers are read and returns where
+    its bytes go; ``close_part(sink)`` once the part has ended. :meth:`feed` takes the body's
+    chunks in order, :meth:`finish` says the body is over. Both raise :class:`MultipartError`
+    (or its subclasses :class:`PartTooLarge`, :class:`TooManyParts`) for bodies that are not a
+    multipart message we can read.
+    """
+
+    _PREAMBLE, _AFTER_DELIMITER, _HEADERS, _BODY, _END = range(5)
+    _MAX_PADDING = 1024  # transport padding allowed after a delimiter, before its line end
+
+    def __init__(self, boundary: str, open_part: Callable[[dict[str, str]], PartSink],
+                 close_part: Callable[[PartSink], None] | None = None, *,
+                 max_part_bytes: int | None = None, max_parts: int | None = None) -> None:
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._body_end = b"\n" + self._delimiter  # CRLF or bare LF before the delimiter
+        self._open, self._close = open_part, close_part
+        self._max_part_bytes, self._max_parts = max_part_bytes, max_parts
+        self._state = self._PREAMBLE
+        self._buffer = bytearray()
+        self._sink: PartSink | None = None
+        self._part_bytes = 0
+        self.parts = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._state == self._END or not chunk:
+            return  # the epilogue is ignored
+        self._buffer += chunk
+        self._advance()
+
+    def finish(self) -> None:
+        self._advance()
+        if self._state == self._PREAMBLE:
+            raise MultipartError("the body does not contain the boundary from Content-Type")
+        if self._state == self._HEADERS:
+            raise MultipartError("a part's headers do not end (no blank line)")
+        if self._state == self._BODY:
+            raise MultipartError("a part is not followed by a boundary delimiter")
+        self._buffer.clear()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _advance(self) -> None:
+        while True:
+            before = (self._state, len(self._buffer))
+            if self._state == self._PREAMBLE:
+                self._preamble()
+            elif self._state == self._AFTER_DELIMITER:
+                self._after_delimiter()
+            elif self._state == self._HEADERS:
+                self._headers()
+            elif self._state == self._BODY:
+                self._body()
+            else:
+                self._buffer.clear()
+                return
+            if (self._state, len(self._buffer)) == before:
+                return  # needs more input
+
+    def _preamble(self) -> None:
+        found = self._buffer.find(self._delimiter)
+        if found < 0:  # keep what could be the start of the delimiter
+            keep = len(self._delimiter) - 1
+            if len(self._buffer) > keep:
+                del self._buffer[: len(self._buffer) - keep]
+            return
+        del self._buffer[: found + len(self._delimiter)]
+        self._state = self._AFTER_DELIMITER
+
+    def _after_delimiter(self) -> None:
+        if self._buffer[:2] == b"--":
+            self._state = self._END
+            return
+        if len(self._buffer) < 2 and self._buffer != b"\n":
+            return  # could still become the closing "--"
+        line_end = self._buffer.find(b"\n")
+        if line_end < 0:
+            if len(self._buffer) > self._MAX_PADDING:
+                raise MultipartError("no line end after a boundary delimiter")
+            return
+        del self._buffer[: line_end + 1]
+        self._state = self._HEADERS
+
+    def _headers(self) -> None:
+        if self._buffer[:2] == b"\r\n" or self._buffer[:1] == b"\n":  # a part without headers
+            end, separator = 0, 2 if self._buffer[:1] == b"\r" else 1
+        else:
+            end, separator = self._buffer.find(b"\r\n\r\n"), 4
+            lf_end = self._buffer.find(b"\n\n")
+            if lf_end >= 0 and (end < 0 or lf_end < end):
+                end, separator = lf_end, 2
+        if end < 0 or end > MAX_PART_HEADER_BYTES:
+            if end > MAX_PART_HEADER_BYTES or len(self._buffer) > MAX_PART_HEADER_BYTES + 4:
+                raise MultipartError("a part's headers do not end (no blank line)")
+            return
+        block = bytes(self._buffer[:end]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        headers = _parse_headers(block)
+        del self._buffer[: end + separator]
+        self.parts += 1
+        if self._max_parts is not None and self.parts > self._max_parts:
+            raise TooManyParts(f"more than {self._max_parts} parts in one body")
+        self._sink = self._open(headers)
+        self._part_bytes = 0
+        self._state = self._BODY
+
+    def _body(self) -> None:
+        found = self._buffer.find(self._body_end)
+        if found < 0:
+            # hand on all but what could be the start of "\r\n--boundary"
+            keep = len(self._body_end)
+            if len(self._buffer) > keep:
+                self._emit(len(self._buffer) - keep)
+            return
+        content_end = found - 1 if found > 0 and self._buffer[found - 1] == 0x0D else found
+        self._emit(content_end)
+        del self._buffer[: found - content_end + len(self._body_end)]
+        if self._close is not None and self._sink is not None:
+            self._close(self._sink)
+        self._sink = None
+        self._state = self._AFTER_DELIMITER
+
+    def _emit(self, n: int) -> None:
+        if n <= 0:
+            return
+        self._part_bytes += n
+        if self._max_part_bytes is not None and self._part_bytes > self._max_part_bytes:
+            raise PartTooLarge(f"a part exceeds the limit of {self._max_part_bytes} bytes")
+        assert self._sink is not None
+        self._sink.write(bytes(self._buffer[:n]))
+        del self._buffer[:n]

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import logs, metrics
+from service import logs, metrics, retention
+from service.audit import trail
 from service.config import Settings
 from service.engine import Engine
+from service.limits import Limits
 from service.spool import SeriesKey, Spool
 from service.store import FINISHED, AnalysisStore, Record, Status
 
@@ -51,6 +54,17 @@ class Saturated(Exception):
     def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
         super().__init__(detail or f"the analysis queue is full; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class SpoolFull(Saturated):
+    """The spool's file system is past ``spool_max_fill``: no new data until the retention
+    sweep (or an operator) frees space."""
+
+    code = "spool_full"
+
+    def __init__(self, retry_after_s: int, fill: float, limit: float) -> None:
+        super().__init__(retry_after_s, f"the spool volume is {fill:.1%} full (limit "
+                         f"{limit:.1%}, FLAIRCAD_SPOOL_MAX_FILL); retry after {retry_after_s} s")
 
 
 class Draining(Saturated):
@@ -99,6 +113,8 @@ class Scheduler:
         # called with the id of every analysis that ends DONE, in its worker thread (results
         # sent to the PACS: service/pacs.py)
         self.result_hooks: list[Callable[[str], None]] = []
+        self._limits = Limits.of(settings)
+        self._audit = trail(settings)
         if settings.flair_rules is not None:
             from service.flair import load_rules
             self._rules = load_rules(settings.flair_rules)
@@ -117,6 +133,7 @@ class Scheduler:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
         self._tasks.append(asyncio.create_task(self._watch_stable_series()))
         self._tasks.append(asyncio.create_task(self._sweep_orphans()))
+        self._tasks.append(asyncio.create_task(self._sweep_retention()))
 
     def begin_drain(self) -> None:
         if not self._draining:
@@ -192,8 +209,18 @@ class Scheduler:
     def check_capacity(self) -> None:
         if self._draining:
             raise Draining(self.settings.retry_after_s)
+        self.check_spool_space()
         if self.saturated:
             raise Saturated(self.settings.retry_after_s)
+
+    def check_spool_space(self) -> None:
+        """:class:`SpoolFull` when the spool's file system is past the watermark."""
+        try:
+            fill = self.spool.fill()
+        except OSError:  # cannot tell: the write itself will say
+            return
+        if fill >= self.settings.spool_max_fill:
+            raise SpoolFull(self.settings.retry_after_s, fill, self.settings.spool_max_fill)
 
     # -- input -------------------------------------------------------------------------------
     def note_arrival(self, key: SeriesKey) -> None:
@@ -245,6 +272,17 @@ class Scheduler:
                 self.store.update(record.id, Status.FAILED, problem={
                     "code": "input_lost", "detail": "the spooled input is gone"})
         return taken
+
+    async def _sweep_retention(self) -> None:
+        """Expired analyses, their results and inputs go (service/retention.py); the first
+        sweep runs at start, which also clears what a crash left behind."""
+        while True:
+            try:
+                await asyncio.to_thread(retention.sweep, self.settings, self.spool, self.store,
+                                        busy=set(self._arriving), audit=self._audit)
+            except Exception:  # the database busy, a file system hiccup: next time
+                log.exception("retention sweep failed")
+            await asyncio.sleep(self.settings.retention_sweep_interval_s)
 
     async def _sweep_orphans(self) -> None:
         while True:
@@ -339,18 +377,26 @@ class Scheduler:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         prediction: str | None = None
+        conflicts = self._conflict_warnings(record)
+        staging: Path | None = None
         try:
             analysis = self._analyse(job.files, self.engine, rules=self._rules,
-                                     accept_non_flair=self.settings.accept_non_flair)
-            folder = self.spool.result_folder(record.id)
-            write_outputs(analysis, folder)
+                                     accept_non_flair=self.settings.accept_non_flair,
+                                     limits=self._limits)
+            # Written aside and renamed into place, then marked done: a crash at any point
+            # leaves no half result visible, and the analysis runs again after the restart.
+            staging = self.spool.staging_folder(record.id)
+            write_outputs(analysis, staging)
             result = analysis.to_json()
             result.update({"analysis_id": record.id, "status": str(Status.DONE)})
             result.setdefault("outputs", {}).update(result_urls(record.id))
-            (folder / "result.json").write_text(json.dumps(result, indent=2))
+            result["warnings"] = [*result.get("warnings", []), *conflicts]
+            (staging / "result.json").write_text(json.dumps(result, indent=2))
+            self.spool.publish_result(staging, record.id)
         except AnalysisRejected as rejected:
             problem = {"code": rejected.code, "detail": rejected.message,
-                       "warnings": [str(w) for w in getattr(rejected, "warnings", ())]}
+                       "warnings": [*(str(w) for w in getattr(rejected, "warnings", ())),
+                                    *conflicts]}
             self.store.update(record.id, Status.REJECTED, problem=problem)
             outcome = f"rejected:{rejected.code}"
         except Exception as error:
@@ -358,6 +404,8 @@ class Scheduler:
                 "code": "analysis_failed", "detail": f"{type(error).__name__}: {error}"})
             outcome = "failed"
             log.exception("analysis failed")
+            if staging is not None:  # a result that was not published never will be
+                shutil.rmtree(staging, ignore_errors=True)
         else:
             self.store.update(record.id, Status.DONE, result=result,
                               study_instance_uid=analysis.study_instance_uid,
@@ -381,4 +429,33 @@ class Scheduler:
             self.spool.remove_upload(record.id)
         final = self.store.get(record.id)
         assert final is not None and final.status in FINISHED
+        self._audit_finished(final)
         return final
+
+    def _conflict_warnings(self, record: Record) -> list[str]:
+        """A series that was also sent with different content under known SOP Instance UIDs
+        (refused, first copies kept) says so in its analysis."""
+        if record.source == "upload" or not (record.study_instance_uid
+                                             and record.series_instance_uid):
+            return []
+        try:
+            refused = self.spool.conflicts(SeriesKey(record.study_instance_uid,
+                                                     record.series_instance_uid))
+        except ValueError:
+            return []
+        if not refused:
+            return []
+        return [f"conflicting_duplicate: {len(refused)} instance(s) were sent again with "
+                "different content under a known SOP Instance UID and refused; the first "
+                "copies were analysed"]
+
+    def _audit_finished(self, record: Record) -> None:
+        outputs = (record.result or {}).get("outputs", {})
+        self._audit.write(
+            "analysis", analysis_id=record.id, source=record.source, status=str(record.status),
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            prediction=(record.result or {}).get("prediction"),
+            problem=(record.problem or {}).get("code"),
+            sc_series_instance_uid=outputs.get("secondary_capture_series_instance_uid"),
+            sr_sop_instance_uid=outputs.get("sr_sop_instance_uid"))

@@ -3,13 +3,21 @@
 Layout under the spool root::
 
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   (STOW-RS, C-STORE)
+    incoming/<StudyInstanceUID>/<SeriesInstanceUID>/conflicts      (refused different copies)
     uploads/<analysis id>/<n>.dcm                                          (/v1/analyses)
     results/<analysis id>/…                                                (SC, SR, preview)
+    results/.staging-<analysis id>-<random>/…               (a result being written, see below)
+    tmp/<random>/<n>.part               (request bodies as they stream in, before they are read)
     owners/<process token>.lock                  (held by each live server process: leases)
 
-Writes go to a temporary file in the target folder, are fsync'd and renamed into place, and the
-folder is fsync'd: after a crash a file is either complete or absent. UIDs become path
-components only after validation (:func:`safe_uid`), so a hostile UID cannot escape the spool.
+Writes go to a temporary file in the target folder, are fsync'd and linked or renamed into
+place, and the folder is fsync'd: after a crash a file is either complete or absent. An
+instance is linked (``link(2)`` fails when the name exists), so two requests storing the same
+SOP Instance UID at once cannot overwrite each other: one stores, the other compares. A result
+is written into a staging folder and renamed as a whole (:meth:`Spool.publish_result`): a
+reader sees all of it or none, and a crash leaves only a staging folder, removed at the next
+start. UIDs become path components only after validation (:func:`safe_uid`), so a hostile UID
+cannot escape the spool.
 """
 
 from __future__ import annotations
@@ -46,13 +54,26 @@ def safe_uid(uid: str) -> str:
 
 def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    # unique per call: threads of one process may write the same name at once
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
     _fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -65,6 +86,21 @@ def _fsync_dir(folder: Path) -> None:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest mtime of ``folder`` and the entries in it (one level)."""
+    newest = folder.stat().st_mtime
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return newest
 
 
 @dataclass(frozen=True)
@@ -80,20 +116,67 @@ class Spool:
         self.uploads = root / "uploads"
         self.results = root / "results"
         self.owners = root / "owners"
-        for folder in (self.incoming, self.uploads, self.results, self.owners):
+        self.tmp = root / "tmp"
+        for folder in (self.incoming, self.uploads, self.results, self.owners, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
     def instance_path(self, key: SeriesKey, sop_instance_uid: str) -> Path:
         return (self.incoming / safe_uid(key.study_instance_uid)
                 / safe_uid(key.series_instance_uid) / f"{safe_uid(sop_instance_uid)}.dcm")
 
-    def store_instance(self, key: SeriesKey, sop_instance_uid: str, data: bytes) -> StoreOutcome:
+    def store_instance(self, key: SeriesKey, sop_instance_uid: str, data: bytes,
+                       source: Path | None = None) -> StoreOutcome:
+        """Store ``data`` as this instance unless the name exists (then compare). ``source``:
+        a file in the spool that already holds ``data`` (a streamed request part), linked
+        instead of written again."""
         path = self.instance_path(key, sop_instance_uid)
         if path.exists():
-            same = digest(path.read_bytes()) == digest(data)
-            return StoreOutcome.DUPLICATE if same else StoreOutcome.CONFLICT
-        write_atomically(path, data)
+            return self._compare(path, data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            temporary = source
+            fsync_file(source)
+        try:
+            os.link(temporary, path)  # never replaces: a racing store of the same name loses
+        except FileExistsError:
+            return self._compare(path, data)
+        finally:
+            if source is None:
+                with contextlib.suppress(FileNotFoundError):
+                    temporary.unlink()
+        _fsync_dir(path.parent)
         return StoreOutcome.STORED
+
+    @staticmethod
+    def _compare(path: Path, data: bytes) -> StoreOutcome:
+        same = file_digest(path) == digest(data)
+        return StoreOutcome.DUPLICATE if same else StoreOutcome.CONFLICT
+
+    def series_folder(self, key: SeriesKey) -> Path:
+        return self.incoming / safe_uid(key.study_instance_uid) / safe_uid(
+            key.series_instance_uid)
+
+    def note_conflict(self, key: SeriesKey, sop_instance_uid: str) -> None:
+        """Remember that a different instance came under a known UID (and was refused), so
+        that the series' analysis can say so."""
+        folder = self.series_folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "conflicts", "a", encoding="ascii") as handle:
+            handle.write(safe_uid(sop_instance_uid) + "\n")
+
+    def conflicts(self, key: SeriesKey) -> list[str]:
+        """SOP Instance UIDs that were re-sent with different content (each once)."""
+        try:
+            lines = (self.series_folder(key) / "conflicts").read_text("ascii").split()
+        except (FileNotFoundError, ValueError):
+            return []
+        return sorted(set(lines))
 
     def series_age_s(self, key: SeriesKey) -> float | None:
         """Seconds since an instance was last written into the series' folder (any process:
@@ -127,6 +210,72 @@ class Spool:
 
     def result_folder(self, analysis_id: str) -> Path:
         return self.results / analysis_id
+
+    def staging_folder(self, analysis_id: str) -> Path:
+        """An empty folder to write a result into before :meth:`publish_result`."""
+        folder = self.results / f".staging-{analysis_id}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def publish_result(self, staging: Path, analysis_id: str) -> Path:
+        """Make a staged result durable and visible at once: fsync every file and folder in
+        it, then rename it to ``results/<analysis id>`` (replacing the remains of an earlier
+        attempt, which no reader could see: its analysis was never marked done)."""
+        for folder, _, files in os.walk(staging):
+            for name in files:
+                fsync_file(Path(folder) / name)
+            _fsync_dir(Path(folder))
+        target = self.result_folder(analysis_id)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        _fsync_dir(self.results)
+        return target
+
+    def remove_result(self, analysis_id: str) -> None:
+        shutil.rmtree(self.result_folder(analysis_id), ignore_errors=True)
+
+    def remove_series(self, key: SeriesKey) -> None:
+        """Delete a spooled series: renamed away first (atomic), so that a store racing with
+        the deletion recreates the folder rather than writing into one being deleted."""
+        folder = self.series_folder(key)
+        trash = self.tmp / f"series-{uuid.uuid4().hex}"
+        try:
+            os.replace(folder, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the study folder, once empty
+            folder.parent.rmdir()
+
+    def request_folder(self) -> Path:
+        """A folder for one request's streamed parts; the caller removes it."""
+        folder = self.tmp / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder
+
+    def remove_stale(self, max_age_s: float) -> int:
+        """Remove what crashed writers left: staging folders of results and request folders
+        in which nothing was written for ``max_age_s``. Returns how many were removed."""
+        now, removed = time.time(), 0
+        candidates = [*self.tmp.iterdir(), *self.results.glob(".staging-*")]
+        for folder in candidates:
+            try:
+                if not folder.is_dir() or now - _newest_mtime(folder) < max_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def fill(self) -> float:
+        """The fraction of the spool's file system in use, as ``df`` shows it (space reserved
+        for root counts as used)."""
+        stats = os.statvfs(self.root)
+        if stats.f_blocks == 0:
+            return 0.0
+        return 1.0 - stats.f_bavail / stats.f_blocks
 
     def remove_upload(self, analysis_id: str) -> None:
         shutil.rmtree(self.uploads / analysis_id, ignore_errors=True)

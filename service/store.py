@@ -80,6 +80,8 @@ class AnalysisStore:
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # deleted rows (retention) are overwritten, not left readable in free pages
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(analyses)")}
         if "owner" not in columns:  # a database from before leases
@@ -132,6 +134,80 @@ class AnalysisStore:
                 self._db.execute("ROLLBACK")
                 raise
         return None if taken is not None else self.get(analysis_id)
+
+    def claim_upload(self, fingerprint: str, owner: str) -> tuple[Record, bool]:
+        """The analysis of this upload content: an existing one that did not fail (False),
+        or a new queued one for ``owner`` (True). Atomic like :meth:`claim_series`, so two
+        identical uploads at once make one analysis."""
+        analysis_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM analyses WHERE source='upload' AND fingerprint=? "
+                    "AND status != ? ORDER BY created DESC LIMIT 1",
+                    (fingerprint, Status.FAILED)).fetchone()
+                if row is None:
+                    self._insert(analysis_id, "upload", None, None, fingerprint, owner)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if row is not None:
+            return _record(row), False
+        record = self.get(analysis_id)
+        assert record is not None
+        return record, True
+
+    # -- retention (service/retention.py) ---------------------------------------------------
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                (name,)).fetchone() is not None
+
+    def expired(self, before: float, limit: int = 500) -> list[Record]:
+        """Finished analyses last updated before ``before`` whose results are not still
+        waiting to be sent to a PACS (table ``deliveries``, service/forward.py)."""
+        with self._lock:
+            pending = ""
+            if self._has_table("deliveries"):
+                pending = (" AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE "
+                           "d.analysis_id = analyses.id AND d.state IN ('pending', 'sending'))")
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM analyses WHERE status IN (?, ?, ?) AND updated < ?"
+                f"{pending} ORDER BY updated LIMIT ?",
+                (*FINISHED, before, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def series_in_use(self, series_instance_uid: str, before: float,
+                      other_than: str) -> bool:
+        """Whether another analysis of the series is unfinished or finished after
+        ``before``: its spooled instances must stay."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM analyses WHERE series_instance_uid=? AND id != ? AND "
+                "(status IN (?, ?) OR updated >= ?) LIMIT 1",
+                (series_instance_uid, other_than, Status.QUEUED, Status.RUNNING,
+                 before)).fetchone()
+        return row is not None
+
+    def delete(self, analysis_id: str) -> None:
+        """Forget an analysis (and its delivery rows)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._has_table("deliveries"):
+                    self._db.execute("DELETE FROM deliveries WHERE analysis_id=?",
+                                     (analysis_id,))
+                self._db.execute("DELETE FROM analyses WHERE id=?", (analysis_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it: old page copies go with it."""
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):  # busy: next time
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def take_over(self, analysis_id: str, previous_owner: str | None, owner: str) -> bool:
         """Make ``owner`` the owner of an unfinished analysis if ``previous_owner`` still is

@@ -3,19 +3,28 @@
 Every part is parsed (headers only matter here; pixels are decoded later, once) and, if usable,
 written to the spool before the response says "stored". A re-sent identical instance is
 acknowledged as stored; different bytes under a known SOP Instance UID are refused (0x0111) and
-the first copy is kept, never silently replaced.
+the first copy is kept, never silently replaced; the refusal is remembered with the series
+(:meth:`service.spool.Spool.note_conflict`), and its analysis carries a warning.
+
+Instances that break a size limit (:mod:`service.limits`) are refused one by one: a matrix or
+decoded size beyond the limits with 0xC000 (it will not get better when sent again), one
+instance too many for its series with 0xA700 (out of resources).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
 from service import metrics
 from service.ingest import Skipped, read_instance
-from service.multipart import Part
+from service.limits import TOO_MANY_INSTANCES, Limits, instance_refusal
+from service.multipart import MediaType
 from service.spool import SeriesKey, Spool, StoreOutcome, safe_uid
 
 # PS3.18 Table 10.5.3-1 / PS3.4 Annex GG failure reasons
@@ -32,6 +41,10 @@ class StowResult:
     stored: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # + reason, why
     series: set[SeriesKey] = field(default_factory=set)
+    # (series, SOP Instance UID) refused because different bytes are stored under the UID
+    conflicts: list[tuple[SeriesKey, str]] = field(default_factory=list)
+    # instances newly stored per series (re-sent identical ones are not counted)
+    new: dict[SeriesKey, int] = field(default_factory=dict)
 
     @property
     def status_code(self) -> int:
@@ -68,9 +81,21 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip() if value else ""
 
 
-def store_parts(parts: list[Part], spool: Spool, study_in_url: str | None,
-                source: str = "stow") -> StowResult:
+class InstancePart(Protocol):
+    """A multipart part in memory (:class:`service.multipart.Part`) or streamed to a file
+    (:class:`service.api.body.SpooledPart`, which has a ``path`` to link from)."""
+
+    @property
+    def content_type(self) -> MediaType: ...
+
+    def read(self) -> bytes: ...
+
+
+def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str | None,
+                source: str = "stow", limits: Limits | None = None) -> StowResult:
     result = StowResult()
+    limits = limits or Limits()
+    counts: dict[SeriesKey, int] = {}  # instances in each series folder, counted once
 
     def refuse(sop_class: str, sop_instance: str, reason: int, why: str) -> None:
         result.failed.append((sop_class, sop_instance, reason, why))
@@ -82,7 +107,8 @@ def store_parts(parts: list[Part], spool: Spool, study_in_url: str | None,
         if media and media not in ("application/dicom", "application/octet-stream"):
             refuse("", "", CANNOT_UNDERSTAND, "unsupported_part_type")
             continue
-        parsed = read_instance(part.body, f"part {index + 1}")
+        data = part.read()
+        parsed = read_instance(data, f"part {index + 1}")
         if isinstance(parsed, Skipped):
             refuse("", "", CANNOT_UNDERSTAND if parsed.code != "no_pixel_data"
                    else SOP_CLASS_NOT_SUPPORTED, str(parsed.code))
@@ -99,14 +125,32 @@ def store_parts(parts: list[Part], spool: Spool, study_in_url: str | None,
         if study_in_url is not None and key.study_instance_uid != study_in_url:
             refuse(sop_class, sop_instance, STUDY_MISMATCH, "study_mismatch")
             continue
+        too_large = instance_refusal(ds, limits)
+        if too_large is not None:
+            refuse(sop_class, sop_instance, CANNOT_UNDERSTAND, too_large[0])
+            continue
+        if key not in counts:
+            counts[key] = len(spool.series_files(key))
+        if (counts[key] >= limits.max_instances_per_series
+                and not spool.instance_path(key, sop_instance).exists()):
+            refuse(sop_class, sop_instance, OUT_OF_RESOURCES, TOO_MANY_INSTANCES)
+            continue
+        path: Path | None = getattr(part, "path", None)
         try:
-            outcome = spool.store_instance(key, sop_instance, part.body)
+            outcome = spool.store_instance(key, sop_instance, data, source=path)
         except OSError:
             refuse(sop_class, sop_instance, OUT_OF_RESOURCES, "spool_write_failed")
             continue
         if outcome is StoreOutcome.CONFLICT:
             refuse(sop_class, sop_instance, DUPLICATE_SOP_INSTANCE, "conflicting_duplicate")
+            result.conflicts.append((key, sop_instance))
+            # the refusal stands even if remembering it fails; only the warning is lost
+            with contextlib.suppress(OSError):
+                spool.note_conflict(key, sop_instance)
             continue
+        if outcome is StoreOutcome.STORED:
+            counts[key] += 1
+            result.new[key] = result.new.get(key, 0) + 1
         result.stored.append((sop_class, sop_instance))
         # A re-sent instance also means the sender is still at it: the series' stability
         # window restarts (its content, and so its analysis, stays the same).

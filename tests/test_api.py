@@ -58,8 +58,9 @@ def _start(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, Server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # authentication has its own tests (tests/test_security.py)
     settings = Settings(spool_dir=tmp_path_factory.mktemp("spool"), stability_window_s=0.5,
-                        max_upload_bytes=64 * 1024**2)
+                        max_upload_bytes=64 * 1024**2, auth_disabled=True)
     uv, thread, handle = _start(settings)
     yield handle
     uv.should_exit = True
@@ -322,15 +323,18 @@ def test_unknown_analysis_and_model_description(server: Server) -> None:
 
 def test_saturated_queue_answers_503_with_retry_after(
         tmp_path: Path, phantom_series: PhantomFactory) -> None:
-    settings = Settings(spool_dir=tmp_path / "spool", max_queue=1, workers=1, retry_after_s=7)
+    settings = Settings(spool_dir=tmp_path / "spool", max_queue=1, workers=1, retry_after_s=7,
+                        auth_disabled=True)
     uv, thread, handle = _start(settings)
     try:
-        folder = phantom_series(label="MS", seed=27)
-        body = _related([p.read_bytes() for p in _files(folder)], "s", lengths=True)
+        # four different series: the same one again would be answered from its analysis
+        bodies = [_related([p.read_bytes() for p in _files(phantom_series(label="MS",
+                                                                          seed=27 + n))],
+                           "s", lengths=True) for n in range(4)]
         headers = {"Content-Type": "multipart/related; type=application/dicom; boundary=s",
                    "Prefer": "respond-async"}
         statuses = [httpx.post(handle.url + "/v1/analyses", content=body, headers=headers,
-                               timeout=60) for _ in range(4)]
+                               timeout=60) for body in bodies]
         codes = [r.status_code for r in statuses]
         assert codes[:2] == [202, 202], codes
         refused = [r for r in statuses if r.status_code == 503]

@@ -371,7 +371,8 @@ def _in_thread(app: Any) -> Iterator[str]:
 
 
 def test_readiness_reports_each_check(tmp_path: Path) -> None:
-    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"]))
+    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"],
+                              auth_disabled=True))
     with _in_thread(app) as url:
         ready = httpx.get(url + "/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -397,7 +398,8 @@ def test_readiness_reports_each_check(tmp_path: Path) -> None:
 
 
 def test_an_unhandled_error_is_a_counted_500_logged_under_its_request(tmp_path: Path) -> None:
-    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"]))
+    app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"],
+                              auth_disabled=True))
 
     def boom(item: str) -> None:
         raise RuntimeError(f"value {item} must not be logged")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from service import metrics
-from service.api.body import media_type_of, read_parts
+from service import audit, logs, metrics
+from service.api.body import SpooledPart, media_type_of, receive_parts
 from service.api.deps import Runtime, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.schemas import Analysis, AnalysisList, Delivery
+from service.api.security import client_of, principal_of
 from service.scheduler import Saturated
-from service.spool import write_atomically
-from service.store import Record, Status
+from service.spool import digest, fsync_file
+from service.store import FINISHED, Record, Status
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 
@@ -42,12 +46,13 @@ _UPLOAD_DOC: dict[str, Any] = {
                 "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Analysis"}}}},
         "400": {"description": "malformed body", "content": {PROBLEM_JSON: {}}},
-        "413": {"description": "body too large", "content": {PROBLEM_JSON: {}}},
+        "413": {"description": "body, one instance or the number of instances too large",
+                "content": {PROBLEM_JSON: {}}},
         "415": {"description": "unsupported media type", "content": {PROBLEM_JSON: {}}},
-        "422": {"description": "not one usable FLAIR MR series (code says why)",
-                "content": {PROBLEM_JSON: {}}},
-        "503": {"description": "queue saturated; see Retry-After",
-                "content": {PROBLEM_JSON: {}}},
+        "422": {"description": "not one usable FLAIR MR series, or one beyond the size limits "
+                "(code says why)", "content": {PROBLEM_JSON: {}}},
+        "503": {"description": "queue saturated, draining or spool volume full; see "
+                "Retry-After", "content": {PROBLEM_JSON: {}}},
     },
 }
 
@@ -97,23 +102,32 @@ async def create_analysis(
         rt.scheduler.check_capacity()
     except Saturated as error:
         raise saturated_problem(error) from None
-    parts = await read_parts(request, media, rt.settings.max_upload_bytes)
-    dicom_parts = [part for part in parts
-                   if part.filename is not None or part.content_type.essence in
-                   _DICOM_PART_TYPES[1:] or (media.essence == "multipart/related"
-                                             and part.content_type.essence == "")]
-    if not dicom_parts:
-        raise Problem(400, "no_instances", "the body holds no DICOM parts")
-    unsupported = {p.content_type.essence for p in dicom_parts} - set(_DICOM_PART_TYPES)
-    if media.essence == "multipart/related" and unsupported:
-        raise Problem(415, "unsupported_media_type",
-                      f"parts of type {sorted(unsupported)} are not application/dicom")
+    body = await receive_parts(request, rt, media)
+    try:
+        dicom_parts = [part for part in body.parts
+                       if part.filename is not None or part.content_type.essence in
+                       _DICOM_PART_TYPES[1:] or (media.essence == "multipart/related"
+                                                 and part.content_type.essence == "")]
+        if not dicom_parts:
+            raise Problem(400, "no_instances", "the body holds no DICOM parts")
+        unsupported = {p.content_type.essence for p in dicom_parts} - set(_DICOM_PART_TYPES)
+        if media.essence == "multipart/related" and unsupported:
+            raise Problem(415, "unsupported_media_type",
+                          f"parts of type {sorted(unsupported)} are not application/dicom")
 
-    metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
-    record = rt.store.create("upload", owner=rt.scheduler.owner)
-    folder = rt.spool.upload_folder(record.id)
-    for index, part in enumerate(dicom_parts):
-        write_atomically(folder / f"{index:05d}.dcm", part.body)
+        metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
+        # The same instances again (a viewer asking twice) get the same analysis and result
+        # UIDs, not a second run: identified by the content of its parts, in any order.
+        fingerprint = "upload:" + digest("\n".join(sorted({p.sha256 for p in dicom_parts}))
+                                         .encode())
+        record, created = rt.store.claim_upload(fingerprint, rt.scheduler.owner)
+        _audit_upload(request, rt, record, len(dicom_parts), reused=not created)
+        if not created:
+            return await _existing_response(rt, record, prefer)
+        folder = rt.spool.upload_folder(record.id)
+        await run_in_threadpool(_move_into, dicom_parts, folder)
+    finally:
+        body.remove()
     files = sorted(Path(folder).glob("*.dcm"))
     try:
         done = rt.scheduler.submit_upload(files, record)
@@ -131,11 +145,59 @@ async def create_analysis(
     return _finished_response(finished)
 
 
+def _move_into(parts: list[SpooledPart], folder: Path) -> None:
+    """The streamed parts become the upload's files: fsync'd, renamed, folder fsync'd."""
+    for index, part in enumerate(parts):
+        fsync_file(part.path)
+        os.replace(part.path, folder / f"{index:05d}.dcm")
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+async def _existing_response(rt: Runtime, record: Record, prefer: str | None) -> Response:
+    """An upload whose content was analysed (or is being analysed) already: its analysis,
+    with ``Content-Location`` naming it; a sync caller waits for it as for a new one."""
+    location = {"Content-Location": f"/v1/analyses/{record.id}"}
+    if prefer and "respond-async" in prefer.lower():
+        return JSONResponse(view(record).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/v1/analyses/{record.id}",
+                                     "Preference-Applied": "respond-async", **location})
+    while record.status not in FINISHED:
+        await asyncio.sleep(0.2)
+        record = rt.store.get(record.id) or record
+    response = _finished_response(record)
+    response.headers.update(location)
+    return response
+
+
+def _audit_upload(request: Request, rt: Runtime, record: Record, n_instances: int,
+                  reused: bool) -> None:
+    audit.trail(rt.settings).write(
+        "upload", who=principal_of(request).id, client=client_of(request.scope),
+        request_id=logs.REQUEST_ID.get(), analysis_id=record.id, instances=n_instances,
+        reused=reused)
+
+
+def _audit_read(request: Request, rt: Runtime, what: str, record: Record | None = None,
+                study_instance_uid: str | None = None) -> None:
+    audit.trail(rt.settings).write(
+        "read", who=principal_of(request).id, client=client_of(request.scope),
+        request_id=logs.REQUEST_ID.get(), what=what,
+        analysis_id=record.id if record else None,
+        study_instance_uid=study_instance_uid or (record.study_instance_uid if record else None),
+        series_instance_uid=record.series_instance_uid if record else None)
+
+
 @router.get("", response_model=AnalysisList, summary="Analyses of a study (or the latest)")
 def list_analyses(
+    request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
     study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
 ) -> AnalysisList:
+    _audit_read(request, rt, "list", study_instance_uid=study_instance_uid)
     records = (rt.store.by_study(study_instance_uid) if study_instance_uid
                else rt.store.recent())
     return AnalysisList(analyses=[view(record) for record in records])
@@ -143,8 +205,11 @@ def list_analyses(
 
 @router.get("/{analysis_id}", response_model=Analysis, summary="Result or status",
             responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
-def get_analysis(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
-    analysis = view(_record_or_404(rt, analysis_id))
+def get_analysis(analysis_id: str, request: Request,
+                 rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
+    record = _record_or_404(rt, analysis_id)
+    _audit_read(request, rt, "analysis", record)
+    analysis = view(record)
     deliveries = rt.pacs.deliveries(analysis.analysis_id) if rt.pacs is not None else []
     if deliveries:  # results sent to the PACS (FLAIRCAD_DESTINATIONS)
         analysis.deliveries = [Delivery.model_validate(d) for d in deliveries]
@@ -161,8 +226,11 @@ def _outputs(rt: Runtime, record: Record) -> Path:
 @router.get("/{analysis_id}/instances", response_class=Response,
             summary="The Secondary Capture and SR instances",
             responses={200: {"content": {'multipart/related; type="application/dicom"': {}}}})
-def get_instances(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    folder = _outputs(rt, _record_or_404(rt, analysis_id))
+def get_instances(analysis_id: str, request: Request,
+                  rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    record = _record_or_404(rt, analysis_id)
+    folder = _outputs(rt, record)
+    _audit_read(request, rt, "instances", record)
     boundary = uuid.uuid4().hex
     chunks: list[bytes] = []
     for path in sorted(folder.rglob("*.dcm")):
@@ -177,8 +245,11 @@ def get_instances(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) ->
 @router.get("/{analysis_id}/preview.png", response_class=FileResponse,
             summary="Montage of the most attended slices with their overlays",
             responses={200: {"content": {"image/png": {}}}})
-def get_preview(analysis_id: str, rt: Annotated[Runtime, Depends(runtime)]) -> FileResponse:
-    path = _outputs(rt, _record_or_404(rt, analysis_id)) / "preview.png"
+def get_preview(analysis_id: str, request: Request,
+                rt: Annotated[Runtime, Depends(runtime)]) -> FileResponse:
+    record = _record_or_404(rt, analysis_id)
+    path = _outputs(rt, record) / "preview.png"
+    _audit_read(request, rt, "preview", record)
     if not path.is_file():
         raise Problem(404, "no_outputs", "this analysis has no preview")
     return FileResponse(path, media_type="image/png")

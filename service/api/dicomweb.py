@@ -7,14 +7,18 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api.body import media_type_of, read_parts
+from service import audit, logs
+from service.api.body import media_type_of, receive_parts
 from service.api.deps import Runtime, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
+from service.api.security import client_of, principal_of
+from service.limits import Limits
 from service.scheduler import Saturated
 from service.spool import safe_uid
-from service.stow import store_parts
+from service.stow import StowResult, store_parts
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,12 @@ _STOW_DOC: dict[str, Any] = {
         "409": {"description": "no instance stored",
                 "content": {DICOM_JSON: {"schema": {"type": "object"}}}},
         "400": {"description": "malformed multipart body", "content": {PROBLEM_JSON: {}}},
-        "413": {"description": "body too large", "content": {PROBLEM_JSON: {}}},
+        "413": {"description": "body, one instance or the number of instances too large",
+                "content": {PROBLEM_JSON: {}}},
         "415": {"description": "not multipart/related application/dicom",
                 "content": {PROBLEM_JSON: {}}},
-        "503": {"description": "queue saturated; see Retry-After",
-                "content": {PROBLEM_JSON: {}}},
+        "503": {"description": "queue saturated, draining or spool volume full; see "
+                "Retry-After", "content": {PROBLEM_JSON: {}}},
     },
 }
 
@@ -56,12 +61,18 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
         rt.scheduler.check_capacity()
     except Saturated as error:
         raise saturated_problem(error) from None
-    parts = await read_parts(request, media, rt.settings.max_upload_bytes)
-    if not parts:
-        raise Problem(400, "no_instances", "the multipart body holds no parts")
-    result = store_parts(parts, rt.spool, study)
+    body = await receive_parts(request, rt, media)
+    try:
+        if not body.parts:
+            raise Problem(400, "no_instances", "the multipart body holds no parts")
+        # parsing and fsync-ing instances blocks: off the event loop
+        result = await run_in_threadpool(store_parts, body.parts, rt.spool, study, "stow",
+                                         Limits.of(rt.settings))
+    finally:
+        body.remove()
     for key in result.series:
         rt.scheduler.note_arrival(key)
+    _audit(request, rt, study, result)
     # counts and reason codes; the UIDs stay out of the log (service.logs)
     log.info("stow", extra={"stored": len(result.stored), "refused": len(result.failed),
                             "refused_reasons": dict(Counter(why for *_, why in result.failed)),
@@ -69,6 +80,21 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
     # dicomweb-client ignores the body unless the type is exactly application/dicom+json.
     return JSONResponse(result.to_dicom_json(), status_code=result.status_code,
                         media_type=DICOM_JSON)
+
+
+def _audit(request: Request, rt: Runtime, study: str | None, result: StowResult) -> None:
+    audit.trail(rt.settings).write(
+        "stow", who=principal_of(request).id, client=client_of(request.scope),
+        request_id=logs.REQUEST_ID.get(), study_in_url=study,
+        series=[{"study_instance_uid": key.study_instance_uid,
+                 "series_instance_uid": key.series_instance_uid,
+                 "new_instances": result.new.get(key, 0)}
+                for key in sorted(result.series, key=lambda k: (k.study_instance_uid,
+                                                                 k.series_instance_uid))],
+        stored=len(result.stored),
+        refused=dict(Counter(why for *_, why in result.failed)) or None,
+        conflicts=[{"series_instance_uid": key.series_instance_uid,
+                    "sop_instance_uid": sop} for key, sop in result.conflicts] or None)
 
 
 @router.post("/studies", openapi_extra=_STOW_DOC, response_class=Response,
