@@ -151,9 +151,10 @@ class Authenticator:
                 claims = jwt.decode(token, key.key if isinstance(key, jwt.PyJWK) else key,
                                     algorithms=[algorithm], audience=self._audience,
                                     issuer=self._issuer, options=options, leeway=30)
-            except jwt.InvalidSignatureError:
-                continue  # another configured key may have signed it
-            except (jwt.PyJWTError, ValueError, TypeError) as error:
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, jwt.InvalidAlgorithmError,
+                    ValueError, TypeError):
+                continue  # another configured key (of another type) may have signed it
+            except jwt.PyJWTError as error:  # signature good, claims not (PyJWT checks in order)
                 raise AuthError(f"the JWT is not valid: {type(error).__name__}") from None
             subject = str(claims.get("sub", ""))[:128]
             return Principal(f"jwt:{subject}", "jwt")
