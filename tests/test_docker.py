@@ -173,13 +173,18 @@ def test_compose_services_builds_mounts_and_ports(compose: dict[str, Any]) -> No
     assert services["orthanc"]["depends_on"]["flaircad"]["condition"] == "service_healthy"
 
 
-def test_compose_environment_names_real_settings(compose: dict[str, Any]) -> None:
+def test_compose_environment_names_real_settings(compose: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from service.config import Settings
 
     known = {f"FLAIRCAD_{name.upper()}" for name in Settings.model_fields}
-    pending = {"FLAIRCAD_AUTH_DISABLED"}  # issue 6 (authentication) is not built yet
-    for name in compose["services"]["flaircad"]["environment"]:
-        assert name in known | pending, f"{name} is not a setting of service/config.py"
+    environment = compose["services"]["flaircad"]["environment"]
+    for name, value in environment.items():
+        assert name in known, f"{name} is not a setting of service/config.py"
+        monkeypatch.setenv(name, value)
+    settings = Settings()  # the values parse as the service parses them
+    assert settings.auth_disabled is True  # the loopback-only lab; nothing else authenticates
+    assert [d.name for d in settings.destinations] == ["orthanc"]
 
 
 def test_compose_gpu_override_swaps_image_and_reserves_one_gpu() -> None:
@@ -210,12 +215,17 @@ def test_orthanc_routes_stable_mr_series_to_flaircad_and_never_its_results(
     assert "function OnStableSeries(seriesId, tags, metadata)" in lua
     # builtin = false: /dicom-web/servers/... is a plugin route
     assert 'RestApiPost("/dicom-web/servers/" .. SERVER .. "/stow", body, false)' in lua
-    assert 'if modality ~= "MR" then' in lua
-    # The loop guard on the description prefix matches what flaircad writes in its outputs.
-    assert 'string.sub(description, 1, 8)) == "flaircad"' in lua
+    # The loop guards match what flaircad writes into its SC and SR series.
+    assert 'if modality ~= "MR" or manufacturer == "flaircad" or' in lua
+    assert 'string.lower(string.sub(description, 1, 8)) == "flaircad" then' in lua
     assert series_description("MS").lower().startswith("flaircad")
     from service.sr import SOFTWARE
     assert SOFTWARE == "flaircad"
+    # Results go back to the same Orthanc (its DICOMweb root), where the guards meet them.
+    environment = compose["services"]["flaircad"]["environment"]
+    [destination] = json.loads(environment["FLAIRCAD_DESTINATIONS"])
+    assert destination["kind"] == "stow"
+    assert destination["url"] == "http://orthanc:8042" + config["DicomWeb"]["Root"].rstrip("/")
 
 
 def test_prometheus_scrapes_the_service_and_promtool_accepts_config_and_rules(

@@ -177,13 +177,18 @@ def test_settings_configmap_and_api_key_secret_are_wired(overlay: str,
 
     # Every variable is a real setting, and the values parse as the service parses them.
     known = {f"FLAIRCAD_{name.upper()}" for name in Settings.model_fields}
-    pending = {"FLAIRCAD_API_KEYS_FILE"}  # issue 6 (authentication) is not built yet
     env = {**data, **{item["name"]: item["value"] for item in container.get("env", [])}}
     for name, value in env.items():
-        assert name in known | pending, f"{name} is not a setting of service/config.py"
+        assert name in known, f"{name} is not a setting of service/config.py"
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert str(settings.spool_dir) == SPOOL and settings.host == "0.0.0.0"
+    assert not settings.auth_disabled and settings.api_keys_file == keys_file
+    # The committed placeholder holds no key: the service refuses to start until one is given.
+    import base64
+
+    from service.auth import parse_keys
+    assert not parse_keys(base64.b64decode(secret["data"][keys_file.name]).decode(), "secret")
     expected = {"cpu": ["CPUExecutionProvider"],
                 "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[overlay]
     assert settings.providers == expected
