@@ -12,7 +12,9 @@ stability-window assembly as STOW-RS.
   starts or is extended (``note_arrival``). Failures answer a C-STORE failure status: 0xA700
   out of resources (spool write failed, queue full or draining), 0xC000 cannot understand,
   0x0122 SOP class not supported (no pixel data), 0x0111 a different instance under a known
-  SOP Instance UID.
+  SOP Instance UID. The size limits of STOW-RS apply (``FLAIRCAD_MAX_MATRIX``, ...).
+* The audit trail gets one ``dimse`` line per association (calling AE title, peer address,
+  series and instance counts), as STOW-RS gets one per request.
 
 Runs inside the service (``FLAIRCAD_DIMSE_PORT``) or alone as ``flaircad dimse``.
 """
@@ -20,14 +22,18 @@ Runs inside the service (``FLAIRCAD_DIMSE_PORT``) or alone as ``flaircad dimse``
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter
 
+from service.audit import AuditLog
+from service.limits import Limits
 from service.multipart import Part
 from service.spool import SeriesKey, Spool
-from service.stow import store_parts
+from service.stow import StowResult, store_parts
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +73,16 @@ class DimseListener:
 
     def __init__(self, spool: Spool, *, ae_title: str, host: str, port: int,
                  allowed_calling_aes: list[str], arrived: Callable[[SeriesKey], None],
-                 check_capacity: Callable[[], None]) -> None:
+                 check_capacity: Callable[[], None], limits: Limits | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.spool, self.ae_title, self.host, self.port = spool, ae_title, host, port
         self.allowed_calling_aes = [title.strip() for title in allowed_calling_aes
                                     if title.strip()]
         self._arrived, self._check_capacity = arrived, check_capacity
+        self.limits, self.audit = limits or Limits(), audit
         self._server: Any = None
+        self._lock = threading.Lock()
+        self._received: dict[int, _Received] = {}  # per association, for the audit trail
 
     @property
     def address(self) -> tuple[str, int]:
@@ -96,7 +106,8 @@ class DimseListener:
         ae.maximum_associations = 16
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted)]
+                    (evt.EVT_ABORTED, self._on_aborted),
+                    (evt.EVT_CONN_CLOSE, self._on_ended)]
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=handlers)
         host, port = self.address
@@ -123,6 +134,33 @@ class DimseListener:
     def _on_aborted(self, event: Any) -> None:
         ASSOCIATIONS.labels(outcome="aborted").inc()
 
+    def _on_ended(self, event: Any) -> None:
+        with self._lock:
+            received = self._received.pop(id(event.assoc), None)
+        if received is None or self.audit is None:
+            return
+        requestor = event.assoc.requestor
+        self.audit.write(
+            "dimse", who=f"ae:{str(requestor.ae_title).strip()}", client=requestor.address,
+            series=[{"study_instance_uid": key.study_instance_uid,
+                     "series_instance_uid": key.series_instance_uid,
+                     "new_instances": received.new.get(key, 0)}
+                    for key in sorted(received.series, key=lambda k: (k.study_instance_uid,
+                                                                       k.series_instance_uid))],
+            stored=received.stored, refused=dict(received.refused) or None,
+            conflicts=received.conflicts or None)
+
+    def _note(self, event: Any, result: StowResult) -> None:
+        with self._lock:
+            received = self._received.setdefault(id(event.assoc), _Received())
+            received.stored += len(result.stored)
+            received.refused.update(why for *_, why in result.failed)
+            received.series.update(result.series)
+            received.new.update({key: received.new.get(key, 0) + n
+                                 for key, n in result.new.items()})
+            received.conflicts += [{"series_instance_uid": key.series_instance_uid,
+                                    "sop_instance_uid": sop} for key, sop in result.conflicts]
+
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
@@ -138,7 +176,8 @@ class DimseListener:
             log.exception("C-STORE: cannot encode the received dataset")
             return 0xC000
         part = Part({"content-type": "application/dicom"}, data)
-        result = store_parts([part], self.spool, None, source="dimse")
+        result = store_parts([part], self.spool, None, source="dimse", limits=self.limits)
+        self._note(event, result)
         for key in result.series:
             self._arrived(key)
         if result.stored:
@@ -146,3 +185,14 @@ class DimseListener:
         _, _, reason, why = result.failed[0]
         log.info("C-STORE refused", extra={"reason": why})
         return int(reason)
+
+
+class _Received:
+    """What one association stored (audit trail)."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.refused: Tally[str] = Tally()
+        self.series: set[SeriesKey] = set()
+        self.new: dict[SeriesKey, int] = {}
+        self.conflicts: list[dict[str, str]] = []

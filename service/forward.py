@@ -347,7 +347,7 @@ class DeliveryCollector(Collector):
 
 class Forwarder:
     """Plans a delivery per destination when an analysis is done (:meth:`result_ready`, from
-    any thread) and sends them from an asyncio task, in a small thread pool."""
+    any thread) and sends them from an asyncio task, in a thread per destination (at most 8)."""
 
     def __init__(self, destinations: list[Destination], store: DeliveryStore,
                  result_folder: Callable[[str], Path], owner: str,
@@ -361,7 +361,8 @@ class Forwarder:
         self.max_attempts, self.backoff_s, self.backoff_max_s = (max_attempts, backoff_s,
                                                                  backoff_max_s)
         self.poll_s = poll_s
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delivery")
+        self._executor = ThreadPoolExecutor(max_workers=max(1, min(8, len(self.destinations))),
+                                            thread_name_prefix="delivery")
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -404,28 +405,43 @@ class Forwarder:
         return delay * (1 + 0.1 * random.random())
 
     async def _run(self) -> None:
+        """One attempt at a time per destination (a slow or dead destination holds up only
+        its own results), all destinations at the same time."""
         assert self._wake is not None
         loop = asyncio.get_running_loop()
+        busy: dict[str, asyncio.Future[None]] = {}
         last_release = time.monotonic()
+
+        def finished(name: str) -> Callable[[asyncio.Future[None]], None]:
+            def done(future: asyncio.Future[None]) -> None:
+                busy.pop(name, None)
+                if not future.cancelled() and future.exception() is not None:
+                    log.error("delivery attempt error", exc_info=future.exception())
+                assert self._wake is not None
+                self._wake.set()
+            return done
+
         while True:
+            self._wake.clear()  # before looking: a wake-up from now on is not lost
+            due: float | None = None
             try:
-                claimed = self.store.claim_due(self.destinations, self.owner)
-                if claimed:
-                    await asyncio.gather(*(loop.run_in_executor(self._executor, self._attempt,
-                                                                row) for row in claimed))
-                    continue
+                for name in self.destinations:
+                    if name in busy:
+                        continue
+                    for row in self.store.claim_due([name], self.owner, limit=1):
+                        future = loop.run_in_executor(self._executor, self._attempt, row)
+                        busy[name] = future
+                        future.add_done_callback(finished(name))
                 if time.monotonic() - last_release > 30:
                     last_release = time.monotonic()
                     self.store.release(self._owner_alive)
-                due = self.store.next_due(self.destinations)
+                due = self.store.next_due(n for n in self.destinations if n not in busy)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database busy for 30 s, say: try again shortly
                 log.exception("delivery loop error")
-                due = None
             wait = self.poll_s if due is None else min(self.poll_s,
                                                         max(0.0, due - time.time()))
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, wait))
 

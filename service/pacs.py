@@ -20,9 +20,11 @@ import logging
 import signal
 from typing import Any
 
+from service import audit
 from service.config import Settings
 from service.dimse import DimseListener
 from service.forward import DeliveryCollector, DeliveryStore, Forwarder
+from service.limits import Limits
 from service.scheduler import Scheduler
 from service.spool import SeriesKey, Spool
 
@@ -49,7 +51,8 @@ class PacsLink:
                 spool, ae_title=settings.dimse_ae_title, host=settings.dimse_host,
                 port=settings.dimse_port if settings.dimse_port is not None else 11112,
                 allowed_calling_aes=settings.dimse_allowed_calling_aes,
-                arrived=self._arrived, check_capacity=scheduler.check_capacity)
+                arrived=self._arrived, check_capacity=scheduler.check_capacity,
+                limits=Limits.of(settings), audit=audit.trail(settings))
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:

@@ -19,6 +19,7 @@ import httpx
 import pydicom
 import pytest
 
+from service import audit
 from service.destinations import Destination
 from service.forward import DeliveryState, DeliveryStore, Forwarder
 from service.multipart import MediaType, boundary_of, parse_multipart
@@ -390,3 +391,10 @@ def test_dimse_listener_stores_mr_feeds_the_window_and_checks_ae_titles(
     assert grew("flaircad_instances_received_total", source="dimse") == SLICES + 2
     assert grew("flaircad_dimse_associations_total", outcome="rejected") == 2
     assert grew("flaircad_dimse_associations_total", outcome="accepted") == 1
+    (record,) = [r for r in audit.trail(settings).read() if r["event"] == "dimse"]
+    assert record["who"] == "ae:MODALITY" and record["client"] == "127.0.0.1"
+    assert record["stored"] == SLICES + 1  # the identical re-send is acknowledged
+    assert record["series"] == [{"study_instance_uid": str(datasets[0].StudyInstanceUID),
+                                 "series_instance_uid": str(datasets[0].SeriesInstanceUID),
+                                 "new_instances": SLICES}]
+    assert len(record["conflicts"]) == 1 and sum(record["refused"].values()) == 1

@@ -115,3 +115,18 @@ def test_only_results_are_served_and_errors_are_problems(
     ok = server.get(f"{base}/{sc_series}", headers={"Accept": "*/*"})
     assert ok.status_code == 200
     assert ok.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+
+
+def test_wado_routes_need_authentication(done: tuple[Flaircad, dict[str, Any]]) -> None:
+    headers = auth_headers()
+    if not headers:
+        pytest.skip("this service has no API keys to check")
+    server, analysis = done
+    study, sc_series, _, _ = _uids(analysis)
+    for path in (f"/dicomweb/studies/{study}/series",
+                 f"/dicomweb/studies/{study}/series/{sc_series}",
+                 f"/dicomweb/studies/{study}/series/{sc_series}/metadata"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 401
+        assert httpx.get(server.url + path, timeout=30, headers={
+            "Authorization": "Bearer wrong-key"}).status_code == 401
+        assert httpx.get(server.url + path, timeout=30, headers=headers).status_code == 200
