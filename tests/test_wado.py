@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service import audit
 from tests._pacs import Flaircad, auth_headers, flaircad_settings, free_port
 from tests.conftest import PhantomFactory
 
@@ -68,6 +69,13 @@ def test_retrieve_series_instance_and_frames(done: tuple[Flaircad, dict[str, Any
 
     same = client.retrieve_instance(study, sc_series, str(first.SOPInstanceUID))
     assert same.SOPInstanceUID == first.SOPInstanceUID
+
+    server, _ = done
+    reads = [r for r in audit.trail(server.settings).read() if r["event"] == "read"
+             and r.get("what", "").startswith("wado_")]
+    assert {r["what"] for r in reads} >= {"wado_series", "wado_instance", "wado_frames"}
+    assert all(r["analysis_id"] == analysis["analysis_id"] and r["study_instance_uid"] == study
+               for r in reads)
 
 
 def test_metadata_and_series_search(done: tuple[Flaircad, dict[str, Any]], client: Any

@@ -29,8 +29,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
 
+from service import audit, logs
 from service.api.deps import Runtime, runtime
 from service.api.problems import PROBLEM_JSON, Problem
+from service.api.security import client_of, principal_of
 from service.forward import result_files
 from service.multipart import MediaType
 from service.spool import safe_uid
@@ -75,6 +77,18 @@ def _folder_instances(folder: str, analysis_id: str, mtime_ns: int) -> tuple[_In
             int(number) if number not in (None, "") else None,
             int(instance_number) if instance_number not in (None, "") else None))
     return tuple(found)
+
+
+def _audit_read(request: Request, rt: Runtime, what: str, instances: list[_Instance]
+                ) -> None:
+    """Who read which result (the audit trail, as for ``/v1/analyses/{id}/instances``)."""
+    first = instances[0]
+    audit.trail(rt.settings).write(
+        "read", who=principal_of(request).id, client=client_of(request.scope),
+        request_id=logs.REQUEST_ID.get(), what=what, analysis_id=first.analysis_id,
+        study_instance_uid=first.study, series_instance_uid=first.series,
+        sop_instance_uids=[i.sop_instance for i in instances] if len(instances) == 1
+        else None, instances=len(instances))
 
 
 def _study_instances(rt: Runtime, study: str) -> list[_Instance]:
@@ -233,21 +247,30 @@ def search_series(study: str, request: Request,
             responses=_MULTIPART_DICOM, summary="Retrieve a result series (WADO-RS)")
 def retrieve_series(study: str, series: str, request: Request,
                     rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    return _dicom_parts(request, _series(rt, study, series))
+    instances = _series(rt, study, series)
+    response = _dicom_parts(request, instances)
+    _audit_read(request, rt, "wado_series", instances)
+    return response
 
 
 @router.get("/studies/{study}/series/{series}/metadata", response_class=Response,
             responses=_JSON, summary="Metadata of a result series (WADO-RS)")
 def retrieve_series_metadata(study: str, series: str, request: Request,
                              rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    return _dicom_json([_metadata(request, i) for i in _series(rt, study, series)])
+    instances = _series(rt, study, series)
+    response = _dicom_json([_metadata(request, i) for i in instances])
+    _audit_read(request, rt, "wado_series_metadata", instances)
+    return response
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=Response,
             responses=_MULTIPART_DICOM, summary="Retrieve a result instance (WADO-RS)")
 def retrieve_instance(study: str, series: str, sop: str, request: Request,
                       rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    return _dicom_parts(request, [_instance(rt, study, series, sop)])
+    instance = _instance(rt, study, series, sop)
+    response = _dicom_parts(request, [instance])
+    _audit_read(request, rt, "wado_instance", [instance])
+    return response
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata",
@@ -255,7 +278,10 @@ def retrieve_instance(study: str, series: str, sop: str, request: Request,
             summary="Metadata of a result instance (WADO-RS)")
 def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
                                rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    return _dicom_json([_metadata(request, _instance(rt, study, series, sop))])
+    instance = _instance(rt, study, series, sop)
+    response = _dicom_json([_metadata(request, instance)])
+    _audit_read(request, rt, "wado_instance_metadata", [instance])
+    return response
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
@@ -286,4 +312,6 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
     parts = [(pixels[(n - 1) * size:n * size],
               {"Content-Type": "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"})
              for n in numbers]
-    return _multipart(parts, "application/octet-stream", "1.2.840.10008.1.2.1")
+    response = _multipart(parts, "application/octet-stream", "1.2.840.10008.1.2.1")
+    _audit_read(request, rt, "wado_frames", [instance])
+    return response
