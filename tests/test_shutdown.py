@@ -26,8 +26,10 @@ def _statuses(spool: Path) -> dict[str, str]:
 def _queue(server: ServerProcess, body: bytes, headers: dict[str, str], n: int) -> list[str]:
     ids = []
     for _ in range(n):
+        # no-cache: the same series again is a new analysis, not the earlier one (issue 6)
         response = httpx.post(server.url + "/v1/analyses", content=body, timeout=60,
-                              headers={**headers, "Prefer": "respond-async"})
+                              headers={**headers, "Prefer": "respond-async",
+                                       "Cache-Control": "no-cache"})
         assert response.status_code == 202, response.text
         ids.append(response.json()["analysis_id"])
     return ids

@@ -96,6 +96,9 @@ async def create_analysis(
     request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
     prefer: Annotated[str | None, Header()] = None,
+    cache_control: Annotated[str | None, Header(
+        description="no-cache: analyse again even if these instances were analysed "
+        "before (otherwise the earlier analysis is returned, with Content-Location)")] = None,
 ) -> Response:
     media = media_type_of(request, ("multipart/related", "multipart/form-data"))
     try:
@@ -117,10 +120,17 @@ async def create_analysis(
 
         metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
         # The same instances again (a viewer asking twice) get the same analysis and result
-        # UIDs, not a second run: identified by the content of its parts, in any order.
-        fingerprint = "upload:" + digest("\n".join(sorted({p.sha256 for p in dicom_parts}))
-                                         .encode())
-        record, created = rt.store.claim_upload(fingerprint, rt.scheduler.owner)
+        # UIDs, not a second run: identified by the content of its parts, in any order, and
+        # the model that analyses them. "Cache-Control: no-cache" asks for a new run.
+        model = rt.engine.info
+        fingerprint = "upload:" + digest("\n".join(
+            [f"{model.name} {model.version}", *sorted({p.sha256 for p in dicom_parts})])
+            .encode())
+        if _no_cache(cache_control):
+            record, created = rt.store.create("upload", fingerprint=fingerprint,
+                                              owner=rt.scheduler.owner), True
+        else:
+            record, created = rt.store.claim_upload(fingerprint, rt.scheduler.owner)
         _audit_upload(request, rt, record, len(dicom_parts), reused=not created)
         if not created:
             return await _existing_response(rt, record, prefer)
@@ -143,6 +153,10 @@ async def create_analysis(
                                      "Preference-Applied": "respond-async"})
     finished = await done
     return _finished_response(finished)
+
+
+def _no_cache(cache_control: str | None) -> bool:
+    return cache_control is not None and "no-cache" in cache_control.lower()
 
 
 def _move_into(parts: list[SpooledPart], folder: Path) -> None:
