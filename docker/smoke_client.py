@@ -2,16 +2,19 @@
 
     python3 docker/smoke_client.py http://127.0.0.1:PORT SERIES_FOR_ANALYSES SERIES_FOR_STOW
 
-Checks, in order: /healthz and /readyz answer 200 with JSON; /v1/model names the bundled demo
-model on the CPU provider; POST /v1/analyses (multipart/related) analyses one phantom series
-synchronously (probabilities sum to 1, preview PNG and the SC + SR instances are served); a
-STOW-RS push of a second series (as Orthanc sends it) is stored and analysed once the stability
-window has passed; /metrics exposes flaircad_* series. Exit status 0 when all hold, 1 otherwise.
+With FLAIRCAD_SMOKE_TOKEN set, requests carry ``Authorization: Bearer <token>`` and a request
+without it must be refused (401). Checks, in order: /healthz and /readyz answer 200 with JSON;
+/v1/model names the bundled demo model on the CPU provider; POST /v1/analyses
+(multipart/related) analyses one phantom series synchronously (probabilities sum to 1, preview
+PNG and the SC + SR instances are served); a STOW-RS push of a second series (as Orthanc sends
+it) is stored and analysed once the stability window has passed; /metrics exposes flaircad_*
+series. Exit status 0 when all hold, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -20,11 +23,16 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+TOKEN = os.environ.get("FLAIRCAD_SMOKE_TOKEN", "")
+
 
 def request(method: str, url: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, bytes,
-                                                                                 dict[str, str]]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+            headers: dict[str, str] | None = None, timeout: float = 120,
+            authenticate: bool = True) -> tuple[int, bytes, dict[str, str]]:
+    headers = dict(headers or {})
+    if TOKEN and authenticate:
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.status, response.read(), _lower(response.headers.items())
@@ -74,6 +82,14 @@ def main(base: str, analyses_series: Path, stow_series: Path) -> None:
     check(model["provider"] == "CPUExecutionProvider", "runs on the CPU provider")
 
     payload, content_type = multipart_related(analyses_series)
+    if TOKEN:  # authentication is on (the image's default): no token, no analysis
+        # A small body: the 401 is sent before the body is read, and the connection closed.
+        status, body, headers = request(
+            "POST", base + "/v1/analyses", b"--b--\r\n",
+            {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+            authenticate=False)
+        check(status == 401 and headers.get("www-authenticate", "").startswith("Bearer"),
+              "POST /v1/analyses without a token: 401 Bearer challenge", status)
     started = time.monotonic()
     status, body, _ = request("POST", base + "/v1/analyses", payload,
                               {"Content-Type": content_type})
