@@ -281,9 +281,12 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
     # whole file's bytes would otherwise stay alive as long as the dataset.
     ds.buffer = None
     eof_warning = any("End of file" in str(w.message) for w in caught)
-    outcome = _admit(ds, label, has_prefix, eof_warning, head)
-    if isinstance(outcome, Instance):
-        _drop_private_blobs(outcome.dataset)
+    try:  # reading a lazily parsed element may be the first time its bytes are looked at
+        outcome = _admit(ds, label, has_prefix, eof_warning, head)
+        if isinstance(outcome, Instance):
+            _drop_private_blobs(outcome.dataset)
+    except Exception as error:  # found by tests/test_fuzz.py: e.g. a mangled VR
+        return Skipped(Code.CORRUPT, f"{type(error).__name__}: {error}", label)
     return outcome
 
 
@@ -298,6 +301,8 @@ def _meta_end(data: bytes) -> tuple[int, str]:
             break
         vr = data[position + 4 : position + 6]
         if vr in long_vrs:
+            if position + 12 > len(data):
+                break  # truncated: pydicom will say so
             (length,) = struct.unpack_from("<I", data, position + 8)
             start = position + 12
         else:
