@@ -320,19 +320,19 @@ def send_cstore(destination: Destination, files: list[Path], calling_ae_title: s
 
 # -- the delivery loop ------------------------------------------------------------------------
 class DeliveryCollector(Collector):
-    """``flaircad_result_deliveries{destination, state}``: rows in the spool database (every
+    """``flaircad_result_delivery_states{destination, state}``: rows in the spool database (every
     process's), computed when scraped."""
 
     def __init__(self, store: DeliveryStore) -> None:
         self.store = store
 
     def describe(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily("flaircad_result_deliveries", "", labels=["destination",
+        yield GaugeMetricFamily("flaircad_result_delivery_states", "", labels=["destination",
                                                                           "state"])
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(
-            "flaircad_result_deliveries", "Results per destination and delivery state "
+            "flaircad_result_delivery_states", "Results per destination and delivery state "
             "(pending, sending, sent, failed), from the spool database",
             labels=["destination", "state"])
         try:

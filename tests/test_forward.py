@@ -167,7 +167,7 @@ def test_pending_sends_retry_with_backoff_and_resume_after_a_restart(
     samples = _metrics(first)
     assert value(samples, "flaircad_result_deliveries_total", destination="pacs", kind="stow",
                  outcome="retry") >= 2
-    assert value(samples, "flaircad_result_deliveries", destination="pacs",
+    assert value(samples, "flaircad_result_delivery_states", destination="pacs",
                  state="pending") == 1
     first.stop()
     started.remove(first)
@@ -253,7 +253,7 @@ def test_c_store_delivery_and_failures_that_give_up(
                      outcome="retry") == 1
         assert value(samples, "flaircad_result_deliveries_total", destination=name, kind=kind,
                      outcome="failed") == 1
-        assert value(samples, "flaircad_result_deliveries", destination=name,
+        assert value(samples, "flaircad_result_delivery_states", destination=name,
                      state="failed") == 1
 
 
