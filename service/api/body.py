@@ -131,14 +131,16 @@ async def spool_parts(request: Request, media: MediaType, folder: Path, *, limit
     """Stream the body into part files under ``folder`` (see the module docstring). On any
     refusal the folder is removed and a :class:`Problem` raised (``check_space`` raises its
     own exception, which the caller turns into its answer)."""
+    body = SpooledBody(folder, [])
     try:
         boundary = boundary_of(media)
     except MultipartError as error:
+        body.remove()
         raise Problem(400, "malformed_multipart", str(error)) from None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        body.remove()
         raise _too_large(limit, declared)
-    body = SpooledBody(folder, [])
 
     def open_part(headers: dict[str, str]) -> PartSink:
         part = SpooledPart(headers, folder / f"{len(body.parts):05d}.part")
