@@ -15,6 +15,11 @@ per client count:
 * the server's RSS (``/proc/<pid>/status`` VmRSS) sampled every 0.5 s; over the whole run,
   the growth from the end of the warm-up (``--warmup-s`` at the first client count) to the end.
 
+Then, with ``--huge-mib N`` (default 512), one STOW-RS request of N MiB sent chunked, in 1 MiB
+DICOM parts (one instance, so the rest are duplicates), while the server's RSS is sampled every
+0.1 s: the body is spooled part by part as it streams in, so the server's peak should grow by
+about one part, not by N MiB.
+
 Not a unit test: it takes minutes. Figures go to docs/PERFORMANCE.md.
 """
 
@@ -178,6 +183,65 @@ def run_clients(server: Server, key: str, bodies: list[bytes], clients: int, sec
     return run
 
 
+def _one_mib_instance() -> bytes:
+    """A 1 MiB MR image (724 x 724, 16 bit): every part of the huge body is this instance, so
+    the first is stored and the rest are acknowledged duplicates (parsed, hashed, compared)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "MR"
+    ds.Rows = ds.Columns = 724
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(724 * 724 * 2)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def huge_body(server: Server, key: str, mib: int) -> dict[str, Any]:
+    """One STOW-RS body of ``mib`` 1 MiB instances, chunked; the server's RSS before and at
+    its peak, and the rate at which the body was taken in."""
+    instance = _one_mib_instance()
+
+    def chunks() -> Any:
+        part = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                + instance + b"\r\n")
+        for _ in range(mib):
+            yield part
+        yield f"--{BOUNDARY}--\r\n".encode()
+
+    before = rss_mib(server.process.pid)
+    peak, done = before, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mib(server.process.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    response = httpx.post(server.url + "/dicomweb/studies", content=chunks(), timeout=600,
+                          headers={"Authorization": f"Bearer {key}",
+                                   "Content-Type": f"multipart/related; "
+                                                   f"type=application/dicom; boundary={BOUNDARY}"})
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return {"mib": mib, "status": response.status_code, "seconds": round(seconds, 1),
+            "mib_per_s": round(mib / seconds, 1), "rss_mib_before": round(before, 1),
+            "rss_mib_peak": round(peak, 1), "rss_mib_growth": round(peak - before, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -185,6 +249,8 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=10.0,
                         help="RSS growth is measured from this long into the first run")
     parser.add_argument("--workers", type=int, default=1, help="FLAIRCAD_WORKERS")
+    parser.add_argument("--huge-mib", type=int, default=512,
+                        help="size of the one large STOW-RS body (0: skip)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
 
@@ -206,6 +272,8 @@ def main() -> int:
                 run = run_clients(server, key, bodies, clients, args.seconds, samples, t0)
                 runs.append(run.summary())
                 print(json.dumps(runs[-1]), flush=True)
+            huge = huge_body(server, key, args.huge_mib) if args.huge_mib else None
+            print(json.dumps({"huge_body": huge}), flush=True)
         finally:
             server.stop()
     after_warmup = [m for t, m in samples if t >= args.warmup_s]
@@ -214,7 +282,7 @@ def main() -> int:
               if after_warmup else None, "rss_mib_final": round(samples[-1][1], 1),
               "rss_growth_after_warmup_pct": round(growth, 1) if growth is not None else None,
               "rss_timeline": samples[::max(1, len(samples) // 40)],
-              "cpu_count": os.cpu_count(), "workers": args.workers}
+              "huge_body": huge, "cpu_count": os.cpu_count(), "workers": args.workers}
     print(json.dumps({k: v for k, v in report.items() if k != "rss_timeline"}))
     print("\n| clients | analyses/s | p50 ms | p95 ms | p99 ms | errors | 503 | RSS MiB end |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
