@@ -58,21 +58,6 @@ def _too_large(limit: int, declared: str | None = None) -> Problem:
                    f"the body{size} exceeds the limit of {limit} bytes (FLAIRCAD_MAX_UPLOAD_BYTES)")
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes ``limit`` — also for chunked
-    bodies, which announce no length. For small bodies only; multipart goes through
-    :func:`spool_parts`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, declared)
-    buffer = bytearray()
-    async for chunk in request.stream():
-        buffer += chunk
-        if len(buffer) > limit:
-            raise _too_large(limit)
-    return bytes(buffer)
-
-
 @dataclass
 class SpooledPart:
     """One part of a request body, on disk."""
