@@ -11,8 +11,9 @@ trail. This is also why UIDs go here and not into the normal log (:mod:`service.
 Events: ``stow`` (STOW-RS: instances stored or refused, per series; conflicts by SOP Instance
 UID), ``upload`` (an analysis requested through ``/v1/analyses``, or answered from an earlier
 identical one), ``analysis`` (finished: status, prediction, result UIDs), ``read`` (a result,
-its instances or preview fetched), ``auth_failed`` (reason and client, never the token),
-``retention`` (what the sweep deleted).
+its instances, its preview or a WADO-RS resource fetched), ``dimse`` (what one C-STORE
+association stored, written by :mod:`service.dimse`), ``auth_failed`` (reason and client,
+never the token), ``retention`` (what the sweep deleted).
 
 Each line is written with one ``write(2)`` on a file opened with ``O_APPEND``, so lines of
 several threads and processes never interleave; the file is opened per line, so it can be
