@@ -8,7 +8,7 @@ MODEL  := service/models/flaircad-demo.onnx
 # The demo's PyTorch checkpoint ships too, so the tests can re-verify ONNX against it.
 CHECKPOINT := model_export/checkpoints/flaircad-demo.pt
 
-.PHONY: venv serve test model bench lint clean
+.PHONY: venv serve test model bench load lint clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ model: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/model_speed.py
 	$(PY) bench/volume_speed.py
+	$(PY) bench/e2e.py
+
+load: $(STAMP)
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -78,6 +78,26 @@ def model_only_ms(engine: Engine, folder: Path, runs: int) -> float:
     return statistics.median(times)
 
 
+def batch_sweep(engine: Engine, folder: Path, batches: list[int], runs: int) -> list[dict]:
+    """Model-only series/s when several series share one onnxruntime call: the most that
+    batching across requests could give, before any waiting for a batch to fill."""
+    volume = load_series_volume(folder)
+    one = preprocess(volume.array, volume.affine_lps, engine.info.preprocessing).model_input
+    out = []
+    for size in batches:
+        batch = np.repeat(one[None], size, axis=0)
+        engine.run(batch)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            engine.run(batch)
+            times.append(time.perf_counter() - start)
+        per_call = statistics.median(times)
+        out.append({"batch": size, "ms_per_call": per_call * 1000,
+                    "series_per_s": size / per_call})
+    return out
+
+
 class Service:
     def __init__(self, spool: Path, window: float, workers: int) -> None:
         self.port = free_port()
@@ -214,6 +234,7 @@ def main() -> int:
                 e2e = sync_latency(service, body, args.runs)
                 report[name] = {"model_only_ms": model_ms, "v1_analyses": e2e,
                                 "ratio_e2e_over_model": e2e["median_ms"] / model_ms}
+            report["batching"] = batch_sweep(engine, axial, [1, 2, 4, 8], args.runs)
             report["axial_24"]["stow_rs"] = stow_latency(service, axial, args.runs)
             report["axial_24"]["stow_rs"]["stability_window_s"] = args.window
             body = related_body(axial, "bench")
@@ -236,6 +257,9 @@ def main() -> int:
     stow = report["axial_24"]["stow_rs"]
     print(f"STOW-RS axial_24 until done: median {stow['median_ms']:.1f} ms, p95 "
           f"{stow['p95_ms']:.1f} ms (stability window {args.window} s included)")
+    for item in report["batching"]:
+        print(f"model-only batch {item['batch']}: {item['ms_per_call']:.1f} ms per call, "
+              f"{item['series_per_s']:.2f} series/s")
     for item in report["throughput"]:
         print(f"throughput {item['clients']} client(s): {item['series_per_s']:.2f} series/s, "
               f"p50 {item['p50_ms']:.0f} ms, p95 {item['p95_ms']:.0f} ms, "
