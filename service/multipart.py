@@ -98,10 +98,10 @@ def _parse_params(text: str) -> dict[str, str]:
     return params
 
 
-@dataclass(frozen=True)
-class Part:
+class PartHeaders:
+    """What a part's headers say; shared by parts in memory and parts spooled to disk."""
+
     headers: dict[str, str]  # lower-cased names
-    body: bytes
 
     @property
     def content_type(self) -> MediaType:
@@ -110,6 +110,12 @@ class Part:
     @property
     def filename(self) -> str | None:
         return filename_of(self.headers)
+
+
+@dataclass(frozen=True)
+class Part(PartHeaders):
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
 
     def read(self) -> bytes:
         return self.body

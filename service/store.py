@@ -71,18 +71,23 @@ class Record:
     owner: str | None = None
 
 
+def connect(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to the spool database as every table in it needs it: WAL, durable commits,
+    and deleted rows (retention) overwritten rather than left readable in free pages."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # other processes may hold the write lock for a moment: wait rather than fail
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA secure_delete=ON")
+    db.executescript(schema)
+    return db
+
+
 class AnalysisStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # other processes may hold the write lock for a moment: wait rather than fail
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # deleted rows (retention) are overwritten, not left readable in free pages
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = connect(path, _SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(analyses)")}
         if "owner" not in columns:  # a database from before leases
             with contextlib.suppress(sqlite3.OperationalError):  # another process added it

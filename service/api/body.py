@@ -25,12 +25,12 @@ from service.api.problems import Problem
 from service.multipart import (
     MediaType,
     MultipartError,
+    PartHeaders,
     PartSink,
     PartTooLarge,
     StreamingMultipart,
     TooManyParts,
     boundary_of,
-    filename_of,
 )
 from service.scheduler import Saturated
 
@@ -59,7 +59,7 @@ def _too_large(limit: int, declared: str | None = None) -> Problem:
 
 
 @dataclass
-class SpooledPart:
+class SpooledPart(PartHeaders):
     """One part of a request body, on disk."""
 
     headers: dict[str, str]
@@ -68,14 +68,6 @@ class SpooledPart:
     sha256: str = ""
     _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
     _handle: BinaryIO | None = field(default=None, repr=False)
-
-    @property
-    def content_type(self) -> MediaType:
-        return MediaType.parse(self.headers.get("content-type"))
-
-    @property
-    def filename(self) -> str | None:
-        return filename_of(self.headers)
 
     def read(self) -> bytes:
         return self.path.read_bytes()
