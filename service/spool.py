@@ -65,19 +65,12 @@ def write_atomically(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    _fsync_dir(path.parent)
+    fsync_file(path.parent)
 
 
 def fsync_file(path: Path) -> None:
+    """fsync a file, or a folder (which makes its renames durable)."""
     descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
@@ -150,7 +143,7 @@ class Spool:
             if source is None:
                 with contextlib.suppress(FileNotFoundError):
                     temporary.unlink()
-        _fsync_dir(path.parent)
+        fsync_file(path.parent)
         return StoreOutcome.STORED
 
     @staticmethod
@@ -224,12 +217,12 @@ class Spool:
         for folder, _, files in os.walk(staging):
             for name in files:
                 fsync_file(Path(folder) / name)
-            _fsync_dir(Path(folder))
+            fsync_file(Path(folder))
         target = self.result_folder(analysis_id)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-        _fsync_dir(self.results)
+        fsync_file(self.results)
         return target
 
     def remove_result(self, analysis_id: str) -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from service import audit, logs, metrics
 from service.api.body import SpooledPart, media_type_of, receive_parts
-from service.api.deps import Runtime, runtime, saturated_problem
+from service.api.deps import Runtime, ensure_capacity, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.schemas import Analysis, AnalysisList, Delivery
 from service.api.security import client_of, principal_of
@@ -101,10 +101,7 @@ async def create_analysis(
         "before (otherwise the earlier analysis is returned, with Content-Location)")] = None,
 ) -> Response:
     media = media_type_of(request, ("multipart/related", "multipart/form-data"))
-    try:
-        rt.scheduler.check_capacity()
-    except Saturated as error:
-        raise saturated_problem(error) from None
+    ensure_capacity(rt)
     body = await receive_parts(request, rt, media)
     try:
         dicom_parts = [part for part in body.parts

@@ -35,6 +35,14 @@ def runtime(request: Request) -> Runtime:
     return current
 
 
+def ensure_capacity(rt: Runtime) -> None:
+    """Refuse new work (503) before reading a body when the queue is full or draining."""
+    try:
+        rt.scheduler.check_capacity()
+    except Saturated as error:
+        raise saturated_problem(error) from None
+
+
 def saturated_problem(error: Saturated) -> Problem:
     """503 + Retry-After; ``code`` is ``saturated`` (queue full) or ``draining`` (SIGTERM)."""
     return Problem(503, error.code, str(error),

@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse
 
 from service import audit, logs
 from service.api.body import media_type_of, receive_parts
-from service.api.deps import Runtime, runtime, saturated_problem
+from service.api.deps import Runtime, ensure_capacity, runtime
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.security import client_of, principal_of
 from service.limits import Limits
-from service.scheduler import Saturated
 from service.spool import safe_uid
 from service.stow import StowResult, store_parts
 
@@ -57,10 +56,7 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
         except ValueError as error:
             raise Problem(400, "invalid_uid", str(error)) from None
     media = media_type_of(request, ("multipart/related",))
-    try:
-        rt.scheduler.check_capacity()
-    except Saturated as error:
-        raise saturated_problem(error) from None
+    ensure_capacity(rt)
     body = await receive_parts(request, rt, media)
     try:
         if not body.parts:
