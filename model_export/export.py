@@ -1,10 +1,12 @@
-"""Export a checkpoint to ONE self-contained ONNX file that also computes Grad-CAM.
+"""Export a checkpoint to ONE self-contained ONNX file that also computes its explanations.
 
     python -m model_export.export runs/demo/model.pt --out service/models/flaircad-demo.onnx
 
-The export verifies itself in onnxruntime against PyTorch at several (batch, slices) shapes and
-refuses to write a model that misses the bounds (probabilities max |Δ| ≤ 1e-5, Grad-CAM
-correlation with autograd's Grad-CAM ≥ 0.9999).
+The graph (``service.contract.OUTPUT_NAMES``) gives calibrated probabilities, the attention,
+HiResCAM and Grad-CAM for ``target_class``, and the distance from the training data. The export
+verifies itself in onnxruntime against PyTorch at several (batch, slices) shapes and refuses to
+write a model that misses the bounds: probabilities and attention max |Δ| ≤ 1e-5, distance
+relative ≤ 1e-4, HiResCAM and Grad-CAM correlation with autograd's ≥ 0.9999.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ import torch
 
 from model_export.model import (
     AttentionClassifier,
+    EmbeddingDistance,
     ExplainedClassifier,
     ModelConfig,
-    autograd_grad_cam,
+    autograd_maps,
+    volume_embedding,
 )
 from model_export.phantoms import generate_phantom
+from service.contract import CHECKPOINT_FORMAT, INPUT_NAMES, INTENDED_USE, OUTPUT_NAMES
 from service.preprocess import PreprocessingConfig, preprocess, resize_area
 
-INPUT_NAMES = ["volume", "target_class"]
-OUTPUT_NAMES = ["probabilities", "logits", "slice_weights", "spatial_attention", "gradcam"]
-INTENDED_USE = "research use only, not for diagnosis"
 OPSET = 18
 PROBABILITY_TOLERANCE = 1e-5
+# the distance sums squares over a whitened embedding in float32: relative, and looser
+DISTANCE_RELATIVE_TOLERANCE = 1e-4
 GRADCAM_MIN_CORRELATION = 0.9999
 # (batch, slices) pairs the exported graph is checked at; the model's own grid comes first.
 CHECK_SHAPES = ((1, None), (2, None), (1, 7), (3, 31))
@@ -50,6 +54,9 @@ class ExportVerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     model: AttentionClassifier
+    explained: ExplainedClassifier
+    calibration: dict[str, Any]
+    out_of_distribution: dict[str, Any]
     class_names: list[str]
     preprocessing: PreprocessingConfig
     training_summary: dict[str, Any]
@@ -58,13 +65,19 @@ class Checkpoint:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    if raw.get("format") != "flaircad-checkpoint/1":
-        raise ValueError(f"{path} is not a flaircad checkpoint")
+    if raw.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     model = AttentionClassifier(ModelConfig(**raw["model_config"]))
     model.load_state_dict(raw["state_dict"])
     model.eval()
+    distance = EmbeddingDistance(2 * model.config.feature_channels, model.config.num_classes)
+    distance.load_state_dict(raw["distance_state"])
+    explained = ExplainedClassifier(model, raw["temperature"], distance).eval()
     return Checkpoint(
         model=model,
+        explained=explained,
+        calibration=dict(raw["calibration"]),
+        out_of_distribution=dict(raw["out_of_distribution"]),
         class_names=list(raw["class_names"]),
         preprocessing=PreprocessingConfig.from_json(raw["preprocessing"]),
         training_summary=raw["training_summary"],
@@ -100,35 +113,58 @@ def verification_inputs(
     return cases
 
 
-def verify(onnx_path: Path, model: AttentionClassifier,
+def _correlation(reference: np.ndarray, exported: np.ndarray) -> float:
+    reference, exported = reference.ravel(), exported.ravel()
+    if reference.std() == 0 and exported.std() == 0:
+        return 1.0 if np.allclose(reference, exported, atol=1e-6) else 0.0
+    return float(np.corrcoef(reference, exported)[0, 1])
+
+
+def verify(onnx_path: Path, explained: ExplainedClassifier,
            preprocessing: PreprocessingConfig) -> list[dict[str, Any]]:
+    """Every output against PyTorch: the maps against autograd's, not against the same
+    hand-written backward that the graph holds."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = explained.model
     report = []
     for volume, target in verification_inputs(preprocessing):
-        probabilities, _, _, _, gradcam = session.run(
-            OUTPUT_NAMES, {"volume": volume, "target_class": target}
-        )
-        out, reference_cam = autograd_grad_cam(model, torch.from_numpy(volume),
-                                               torch.from_numpy(target))
-        reference_probs = torch.softmax(out.logits, -1).detach().numpy()
-        prob_diff = float(np.abs(probabilities - reference_probs).max())
-        reference = reference_cam.numpy().ravel()
-        exported = gradcam.ravel()
-        if reference.std() == 0 and exported.std() == 0:
-            correlation = 1.0 if np.allclose(reference, exported, atol=1e-6) else 0.0
-        else:
-            correlation = float(np.corrcoef(reference, exported)[0, 1])
-        entry = {"shape": list(volume.shape[:2]), "target_class": target.tolist(),
-                 "probabilities_max_abs_diff": prob_diff, "gradcam_correlation": correlation}
+        got = dict(zip(OUTPUT_NAMES, session.run(
+            list(OUTPUT_NAMES), {"volume": volume, "target_class": target}), strict=True))
+        maps = autograd_maps(model, torch.from_numpy(volume), torch.from_numpy(target))
+        with torch.no_grad():
+            logits = maps.out.logits / explained.temperature
+            distance = explained.distance(volume_embedding(maps.out)).numpy()
+        reference = {
+            "probabilities": torch.softmax(logits, -1).detach().numpy(),
+            "slice_weights": maps.out.slice_weights.detach().numpy(),
+            "spatial_attention": maps.out.spatial_attention.detach().numpy(),
+        }
+        entry: dict[str, Any] = {"shape": list(volume.shape[:2]),
+                                 "target_class": target.tolist()}
+        for name, value in reference.items():
+            entry[f"{name}_max_abs_diff"] = float(np.abs(got[name] - value).max())
+        entry["ood_score_max_rel_diff"] = float(
+            (np.abs(got["ood_score"] - distance) / np.maximum(np.abs(distance), 1.0)).max())
+        entry["gradcam_correlation"] = _correlation(maps.gradcam.numpy(), got["gradcam"])
+        entry["hirescam_correlation"] = _correlation(maps.hirescam.numpy(), got["hirescam"])
         report.append(entry)
-        if not (prob_diff <= PROBABILITY_TOLERANCE and correlation >= GRADCAM_MIN_CORRELATION):
+        close = all(entry[f"{name}_max_abs_diff"] <= PROBABILITY_TOLERANCE for name in reference)
+        close = close and entry["ood_score_max_rel_diff"] <= DISTANCE_RELATIVE_TOLERANCE
+        maps_agree = min(entry["gradcam_correlation"],
+                         entry["hirescam_correlation"]) >= GRADCAM_MIN_CORRELATION
+        if not (close and maps_agree):
             raise ExportVerificationError(f"ONNX does not match PyTorch: {entry}")
     return report
 
 
 def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_version: str) -> dict:
     """Export, attach metadata, verify; ``out`` is written only when everything holds."""
-    wrapper = ExplainedClassifier(checkpoint.model).eval()
+    wrapper = checkpoint.explained
+    if checkpoint.model.config.input_offset != checkpoint.preprocessing.background:
+        raise ExportVerificationError(
+            f"the network's input offset {checkpoint.model.config.input_offset} is not the "
+            f"preprocessing's background {checkpoint.preprocessing.background}: its zero "
+            "padding would not be air")
     slices, height, width = checkpoint.preprocessing.model_grid
     example = (torch.rand(1, slices, 1, height, width), torch.tensor([-1]))
     batch = torch.export.Dim("batch", min=1, max=256)
@@ -136,7 +172,7 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
     with tempfile.TemporaryDirectory() as tmp:
         program = torch.onnx.export(
             wrapper, example, dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
             dynamic_shapes={"volume": {0: batch, 1: n_slices}, "target_class": {0: batch}},
             verbose=False,
         )
@@ -155,13 +191,21 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
             "training_summary": json.dumps(checkpoint.training_summary, sort_keys=True),
             "intended_use": INTENDED_USE,
             "source_checkpoint_sha256": checkpoint.sha256,
+            "calibration": json.dumps(checkpoint.calibration, sort_keys=True),
+            "out_of_distribution": json.dumps(checkpoint.out_of_distribution, sort_keys=True),
             "outputs": json.dumps({
-                "probabilities": "(B, K) softmax, order of class_names",
-                "logits": "(B, K)",
+                "probabilities": "(B, K) calibrated softmax (logits / temperature), order of "
+                                 "class_names",
+                "logits": "(B, K) calibrated logits: network logits / temperature",
                 "slice_weights": "(B, S) gated attention over slices, sums to 1",
                 "spatial_attention": "(B, S, h, w) per-slice attention, sums to 1 per slice",
                 "gradcam": "(B, S, h, w) ReLU Grad-CAM of target_class at gradcam_layer, "
                            "unnormalised (comparable across the slices of a volume)",
+                "hirescam": "(B, S, h, w) ReLU HiResCAM (gradient x features, summed over "
+                            "channels) of target_class at gradcam_layer, unnormalised",
+                "ood_score": "(B,) Mahalanobis distance of the volume embedding to the nearest "
+                             "training class mean; above out_of_distribution.threshold the "
+                             "input is unlike the training data",
                 "target_class": "(B,) int64, -1 = predicted class",
             }, sort_keys=True),
         }
@@ -173,7 +217,7 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
         onnx.checker.check_model(proto, full_check=True)
         staged = Path(tmp) / "model.onnx"
         onnx.save_model(proto, staged)
-        report = verify(staged, checkpoint.model, checkpoint.preprocessing)
+        report = verify(staged, wrapper, checkpoint.preprocessing)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(staged, out)
     return {"out": str(out), "bytes": out.stat().st_size, "verification": report,

@@ -39,6 +39,11 @@ class ModelConfig:
     head_hidden: int = 0  # 0: a linear head, as in the paper; >0: Linear → ReLU → Linear
     num_classes: int = 2
     dropout: float = 0.0
+    # Subtracted from the [0, 1] input before the stem: PreprocessingConfig.background, the
+    # value air takes, so that air enters the network as 0 and the convolutions' zero padding
+    # continues it. (Centring on 0.5 made air −2 against a padding of 0: a frame the features
+    # answered to.) Checkpoints of format 1 were trained with 0.5.
+    input_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.depth not in _STAGE_BLOCKS:
@@ -119,8 +124,8 @@ class Bottleneck(nn.Module):
 class ResNetBackbone(nn.Module):
     """ResNet-18/34/50 up to ``output_stage``; input (N, 1, H, W) in [0, 1]."""
 
-    # A fixed affine input normalisation, so that ImageNet-pretrained stems see centred input.
-    input_mean = 0.5
+    # A fixed input scale (the spread of ImageNet-normalised input); the offset is the model's
+    # ``input_offset`` so that air is 0 where the zero padding starts.
     input_std = 0.25
 
     def __init__(self, config: ModelConfig):
@@ -148,14 +153,25 @@ class ResNetBackbone(nn.Module):
             blocks += [block(in_ch, stage_width, 1, None) for _ in range(n_blocks - 1)]
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.n_stages = config.output_stage
+        self.input_offset = config.input_offset
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        x = (x - self.input_mean) / self.input_std
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in range(1, self.n_stages + 1):
+        return self.from_stem(self.stem(x))
+
+    def stem(self, x: Tensor) -> Tensor:
+        """Input normalisation, stem and layer 1: the part a fine-tuning run may keep frozen
+        (and cache), since it holds generic edge and texture filters."""
+        x = (x - self.input_offset) / self.input_std
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    def stem_modules(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.layer1]
+
+    def from_stem(self, x: Tensor) -> Tensor:
+        for stage in range(2, self.n_stages + 1):
             x = getattr(self, f"layer{stage}")(x)
         return x
 
@@ -339,7 +355,9 @@ def feature_gradient(model: AttentionClassifier, out: ModelOutput, target: Tenso
 
 def grad_cam(features: Tensor, gradient: Tensor) -> Tensor:
     """Grad-CAM per slice: ReLU(Σ_c mean_p(∂y/∂F_c) · F_c) → (B, S, h, w). Not normalised:
-    the slice attention already scales the gradients, so slices stay comparable in a volume."""
+    the slice attention already scales the gradients, so slices stay comparable in a volume.
+    Kept to compare with the paper: averaging the gradient over positions cancels the softmax
+    attention pooling of this head, so it maps roughly ReLU(w · F) everywhere."""
     return torch.relu(grad_cam_scores(features, gradient))
 
 
@@ -349,45 +367,116 @@ def grad_cam_scores(features: Tensor, gradient: Tensor) -> Tensor:
     return (weights * features).sum(dim=2)
 
 
+def hires_cam(features: Tensor, gradient: Tensor) -> Tensor:
+    """HiResCAM per slice: ReLU(Σ_c ∂y/∂F_c ⊙ F_c) → (B, S, h, w) (Draelos & Carin 2020).
+    Element-wise, so each position keeps its own gradient, attention weight included: for a
+    head that is linear in attention-pooled features it is exactly each position's share of
+    the class score (before the ReLU), which makes it faithful where Grad-CAM is not."""
+    return torch.relu((gradient * features).sum(dim=2))
+
+
+def volume_embedding(out: ModelOutput) -> Tensor:
+    """(B, 2C): the attention-pooled bag vector beside the plain mean of the features over
+    slices and positions. The first is what the head classifies; the second describes the
+    whole image (contrast, anatomy), which the attention alone may look past."""
+    bag = torch.einsum("bsc,bs->bc", out.slice_vectors, out.slice_weights)
+    return torch.cat([bag, out.features.mean(dim=(1, 3, 4))], dim=1)
+
+
+class EmbeddingDistance(nn.Module):
+    """Mahalanobis distance of a volume's embedding to the nearest class mean, with one shared
+    (shrunk) covariance fitted on the training split (Lee et al. 2018): large means "unlike
+    anything trained on". Buffers, so the fit travels in the checkpoint and the ONNX graph."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("means", torch.zeros(num_classes, dim))
+        self.register_buffer("whitening", torch.eye(dim))  # L⁻ᵀ for Σ = L Lᵀ
+
+    @torch.no_grad()
+    def fit(self, embeddings: Tensor, labels: Tensor, shrinkage: float = 0.1) -> None:
+        x = embeddings.double()
+        means = torch.stack([x[labels == k].mean(0) for k in range(self.means.shape[0])])
+        centred = x - means[labels]
+        cov = centred.T @ centred / max(len(x) - 1, 1)
+        target = torch.eye(cov.shape[0], dtype=cov.dtype) * cov.diagonal().mean()
+        cov = (1 - shrinkage) * cov + shrinkage * target
+        chol = torch.linalg.cholesky(cov)
+        self.means.copy_(means.float())
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+        self.whitening.copy_(torch.linalg.solve_triangular(chol, eye, upper=False).T.float())
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        diff = embedding[:, None, :] - self.means[None]  # (B, K, D)
+        squared = (diff @ self.whitening).pow(2).sum(-1)  # (B, K)
+        return torch.sqrt(squared.min(dim=1).values)
+
+
 class ExplainedOutput(NamedTuple):
-    probabilities: Tensor
-    logits: Tensor
+    probabilities: Tensor  # calibrated
+    logits: Tensor  # calibrated: the network's logits / temperature
     slice_weights: Tensor
     spatial_attention: Tensor
     gradcam: Tensor
+    hirescam: Tensor
+    ood_score: Tensor
 
 
 class ExplainedClassifier(nn.Module):
-    """The exported graph: classification and Grad-CAM for ``target_class`` in one pass."""
+    """The exported graph: calibrated classification, its explanation maps for
+    ``target_class`` and the distance from the training data, in one pass. Output order is
+    ``service.contract.OUTPUT_NAMES``."""
 
-    def __init__(self, model: AttentionClassifier):
+    def __init__(self, model: AttentionClassifier, temperature: float = 1.0,
+                 distance: EmbeddingDistance | None = None):
         super().__init__()
         self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.distance = distance or EmbeddingDistance(2 * model.config.feature_channels,
+                                                      model.config.num_classes)
 
     def forward(self, volume: Tensor, target_class: Tensor) -> ExplainedOutput:
         out = self.model(volume)
         target = resolve_target(out.logits, target_class)
-        cam = grad_cam(out.features, feature_gradient(self.model, out, target))
+        gradient = feature_gradient(self.model, out, target)
+        logits = out.logits / self.temperature
         return ExplainedOutput(
-            probabilities=torch.softmax(out.logits, dim=-1),
-            logits=out.logits,
+            probabilities=torch.softmax(logits, dim=-1),
+            logits=logits,
             slice_weights=out.slice_weights,
             spatial_attention=out.spatial_attention,
-            gradcam=cam,
+            gradcam=grad_cam(out.features, gradient),
+            hirescam=hires_cam(out.features, gradient),
+            ood_score=self.distance(volume_embedding(out)),
         )
 
 
-def autograd_grad_cam(
+class AutogradMaps(NamedTuple):
+    out: ModelOutput
+    gradcam: Tensor
+    hirescam: Tensor
+
+
+def autograd_maps(
     model: AttentionClassifier, volume: Tensor, target_class: Tensor
-) -> tuple[ModelOutput, Tensor]:
-    """Reference Grad-CAM from autograd (eval mode), for verification only."""
+) -> AutogradMaps:
+    """Reference Grad-CAM and HiResCAM from autograd (eval mode), for verification only."""
     features = model.backbone(volume.flatten(0, 1)).unflatten(0, volume.shape[:2]).detach()
     features.requires_grad_(True)
     out = model.pool(features)
     target = resolve_target(out.logits, target_class)
     selected = out.logits.gather(1, target[:, None]).sum()
     (gradient,) = torch.autograd.grad(selected, features)
-    return out, grad_cam(features.detach(), gradient)
+    detached = features.detach()
+    return AutogradMaps(out, grad_cam(detached, gradient), hires_cam(detached, gradient))
+
+
+def autograd_grad_cam(
+    model: AttentionClassifier, volume: Tensor, target_class: Tensor
+) -> tuple[ModelOutput, Tensor]:
+    """Reference Grad-CAM from autograd (eval mode), for verification only."""
+    maps = autograd_maps(model, volume, target_class)
+    return maps.out, maps.gradcam
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from model_export import seeds
 from model_export.metrics import roc_auc
 from model_export.model import ModelConfig, ResNetBackbone, SpatialAttention
 from model_export.phantoms import CLASS_NAMES, LESION_SITES, generate_phantom
@@ -40,9 +41,9 @@ from service.preprocess import (
     resize_area,
 )
 
-# Phantom seeds for pretraining: PRETRAIN_SEED_BASE * 100_000 + i; classifier cohorts use
-# seed * 100_000 + i with small seeds, so the two never share a phantom.
-PRETRAIN_SEED_BASE = 90
+# Phantom seeds for pretraining: (PRETRAIN_SEED_BASE + run seed) * 100_000 + i, inside
+# seeds.PRETRAIN, which no classifier, evaluation or test cohort shares.
+PRETRAIN_SEED_BASE = seeds.PRETRAIN_BLOCK
 PRESENCE = 0.01  # share of a feature cell a site must cover to count as present there
 POS_WEIGHT = 5.0
 

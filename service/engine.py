@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -18,20 +17,19 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.preprocess import PreprocessingConfig
+from service.contract import (
+    OUTPUT_NAMES,
+    ModelContractError,
+    ModelInfo,
+    check_signature,
+)
 
 log = logging.getLogger(__name__)
-
-REQUIRED_METADATA = ("class_names", "preprocessing", "model_version", "architecture",
-                     "training_summary", "intended_use", "source_checkpoint_sha256")
-OUTPUT_NAMES = ("probabilities", "logits", "slice_weights", "spatial_attention", "gradcam")
-
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -57,41 +55,6 @@ def _native_stderr_logged() -> Iterator[None]:
             log.warning("onnxruntime: %s", line.strip())
 
 
-class ModelContractError(ValueError):
-    """The ONNX file does not carry the inputs, outputs or metadata flaircad relies on."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: str
-    class_names: tuple[str, ...]
-    preprocessing: PreprocessingConfig
-    architecture: dict[str, Any]
-    training_summary: dict[str, Any]
-    intended_use: str
-    source_checkpoint_sha256: str
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str], fallback_name: str) -> ModelInfo:
-        missing = [key for key in REQUIRED_METADATA if key not in metadata]
-        if missing:
-            raise ModelContractError(f"model metadata lacks {missing}")
-        try:
-            return cls(
-                name=metadata.get("name", fallback_name),
-                version=metadata["model_version"],
-                class_names=tuple(json.loads(metadata["class_names"])),
-                preprocessing=PreprocessingConfig.from_json(metadata["preprocessing"]),
-                architecture=json.loads(metadata["architecture"]),
-                training_summary=json.loads(metadata["training_summary"]),
-                intended_use=metadata["intended_use"],
-                source_checkpoint_sha256=metadata["source_checkpoint_sha256"],
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise ModelContractError(f"model metadata does not parse: {error}") from error
-
-
 @dataclass(frozen=True)
 class EngineOutput:
     probabilities: npt.NDArray[np.float32]  # (B, K)
@@ -99,6 +62,18 @@ class EngineOutput:
     slice_weights: npt.NDArray[np.float32]  # (B, S)
     spatial_attention: npt.NDArray[np.float32]  # (B, S, h, w)
     gradcam: npt.NDArray[np.float32]  # (B, S, h, w)
+    hirescam: npt.NDArray[np.float32]  # (B, S, h, w)
+    ood_score: npt.NDArray[np.float32]  # (B,)
+
+    def explanation(self, name: str) -> npt.NDArray[np.float32]:
+        """The map ``name`` (see :data:`service.contract.EXPLANATIONS`), (B, S, h, w)."""
+        if name == "hirescam":
+            return self.hirescam
+        if name == "gradcam":
+            return self.gradcam
+        if name == "attention":
+            return self.spatial_attention * self.slice_weights[:, :, None, None]
+        raise ValueError(f"unknown explanation map {name!r}")
 
 
 class Engine:
@@ -132,8 +107,7 @@ class Engine:
         self.info = ModelInfo.from_metadata(meta, fallback_name=Path(model_path).stem)
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        if inputs != {"volume", "target_class"} or not set(OUTPUT_NAMES) <= outputs:
-            raise ModelContractError(f"unexpected model signature: {inputs} -> {outputs}")
+        check_signature(inputs, outputs)
         log.info("model %s %s on %s", self.info.name, self.info.version, self.provider)
 
     def run(self, volumes: npt.NDArray[np.float32],
@@ -150,3 +124,6 @@ class Engine:
     def warm_up(self) -> None:
         slices, height, width = self.info.preprocessing.model_grid
         self.run(np.zeros((1, slices, height, width), dtype=np.float32))
+
+
+__all__ = ["Engine", "EngineOutput", "ModelContractError", "ModelInfo"]

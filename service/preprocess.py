@@ -41,6 +41,11 @@ class PreprocessingConfig:
         default_factory=lambda: {"method": "minmax", "percentiles": [0.0, 100.0]}
     )
     interpolation: Literal["area"] = "area"
+    # The value air (the darkest voxels, which min–max maps to 0) has in ``model_input``. The
+    # network subtracts it before its first convolution (``input_offset`` in the architecture
+    # metadata), so that outside the image and outside the head are the same thing to it: its
+    # zero padding then continues the air instead of drawing a frame around every slice.
+    background: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.target_shape) != 3 or min(self.target_shape) < 1:
@@ -72,6 +77,7 @@ class PreprocessingConfig:
             orientation=raw["orientation"],
             intensity=dict(raw["intensity"]),
             interpolation=raw["interpolation"],
+            background=float(raw.get("background", 0.0)),
         )
 
 

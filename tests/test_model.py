@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from model_export.model import (
     AttentionClassifier,
+    EmbeddingDistance,
     ExplainedClassifier,
     ModelConfig,
     autograd_grad_cam,
+    autograd_maps,
     centre_ring_prior,
     feature_gradient,
     load_pretrained_backbone,
     resolve_target,
 )
+from service.preprocess import PreprocessingConfig
 
 CONFIGS = [
     ModelConfig(depth=18, base_width=8),
@@ -64,9 +68,63 @@ def test_explained_classifier_equals_autograd_grad_cam() -> None:
     volume = torch.rand(2, 4, 1, 64, 64, dtype=torch.float64)
     target_class = torch.tensor([1, -1])
     with torch.no_grad():
-        explained = ExplainedClassifier(model)(volume, target_class)
+        explained = ExplainedClassifier(model).double()(volume, target_class)
     _, reference = autograd_grad_cam(model, volume, target_class)
     torch.testing.assert_close(explained.gradcam, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_explained_classifier_equals_autograd_hirescam_and_applies_temperature() -> None:
+    torch.manual_seed(1)
+    model = AttentionClassifier(ModelConfig(depth=18, base_width=8)).double().eval()
+    volume = torch.rand(2, 5, 1, 64, 64, dtype=torch.float64)
+    target_class = torch.tensor([0, -1])
+    explained = ExplainedClassifier(model, temperature=0.5).double().eval()
+    with torch.no_grad():
+        out = explained(volume, target_class)
+        raw = model(volume).logits
+    maps = autograd_maps(model, volume, target_class)
+    assert maps.hirescam.abs().max() > 0
+    torch.testing.assert_close(out.hirescam, maps.hirescam, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.gradcam, maps.gradcam, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.logits, raw / 0.5)
+    torch.testing.assert_close(out.probabilities, torch.softmax(raw / 0.5, -1))
+    # HiResCAM keeps each position's own gradient: it is not Grad-CAM
+    assert not torch.allclose(out.hirescam, out.gradcam)
+
+
+def test_embedding_distance_is_mahalanobis_to_the_nearest_class_mean() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (60, 4)), rng.normal(3, 2, (60, 4))])
+    labels = np.repeat([0, 1], 60)
+    distance = EmbeddingDistance(4, 2)
+    distance.fit(torch.from_numpy(x), torch.from_numpy(labels), shrinkage=0.0)
+    means = np.stack([x[labels == k].mean(0) for k in (0, 1)])
+    cov = np.cov((x - means[labels]).T)
+    probe = rng.normal(1, 3, (5, 4))
+    expected = np.sqrt(np.min([np.einsum("nd,de,ne->n", probe - m, np.linalg.inv(cov), probe - m)
+                               for m in means], axis=0))
+    got = distance(torch.from_numpy(probe).float()).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_air_enters_the_network_as_zero() -> None:
+    """The zero padding of the first convolution must continue the air, not draw a frame:
+    the network subtracts the preprocessing's background value before its stem."""
+    preprocessing = PreprocessingConfig()
+    assert preprocessing.background == 0.0
+    assert PreprocessingConfig.from_json(preprocessing.to_json()) == preprocessing
+    model = AttentionClassifier(ModelConfig(depth=18, base_width=4, output_stage=2,
+                                            attention_hidden=8, instance_hidden=8,
+                                            input_offset=preprocessing.background)).eval()
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_input(_module: object, inputs: tuple[torch.Tensor, ...], _output: object) -> None:
+        captured["x"] = inputs[0]
+
+    model.backbone.conv1.register_forward_hook(keep_input)
+    with torch.no_grad():
+        model(torch.full((1, 2, 1, 64, 64), preprocessing.background))
+    assert torch.count_nonzero(captured["x"]) == 0
 
 
 def test_output_shapes_and_normalisation() -> None:
