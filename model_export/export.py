@@ -157,10 +157,12 @@ def verify(onnx_path: Path, explained: ExplainedClassifier,
     return report
 
 
-def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_version: str) -> dict:
+def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_version: str,
+                allow_padding_frame: bool = False) -> dict:
     """Export, attach metadata, verify; ``out`` is written only when everything holds."""
     wrapper = checkpoint.explained
-    if checkpoint.model.config.input_offset != checkpoint.preprocessing.background:
+    offset_mismatch = checkpoint.model.config.input_offset != checkpoint.preprocessing.background
+    if offset_mismatch and not allow_padding_frame:
         raise ExportVerificationError(
             f"the network's input offset {checkpoint.model.config.input_offset} is not the "
             f"preprocessing's background {checkpoint.preprocessing.background}: its zero "
@@ -187,6 +189,9 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
                 **checkpoint.model.config.to_dict(),
                 "feature_stride": checkpoint.model.config.feature_stride,
                 "gradcam_layer": f"backbone.layer{checkpoint.model.config.output_stage}",
+                "hirescam_layer": f"backbone.layer{checkpoint.model.config.output_stage}",
+                # air != the padding value: zero padding draws a frame the features answer to
+                "padding_frame": offset_mismatch,
             }, sort_keys=True),
             "training_summary": json.dumps(checkpoint.training_summary, sort_keys=True),
             "intended_use": INTENDED_USE,
@@ -231,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default="flaircad-demo")
     p.add_argument("--model-version", help="default: 0.1.0+<checkpoint sha256[:12]>")
+    p.add_argument("--allow-padding-frame", action="store_true",
+                   help="export a network whose input offset is not the background (a "
+                        "recalibrated format-1 network); the architecture metadata says so")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     checkpoint = load_checkpoint(args.checkpoint)
     version = args.model_version or f"0.1.0+{checkpoint.sha256[:12]}"
     try:
-        result = export_onnx(checkpoint, args.out, args.name, version)
+        result = export_onnx(checkpoint, args.out, args.name, version,
+                             allow_padding_frame=args.allow_padding_frame)
     except ExportVerificationError as error:
         print(f"export refused: {error}", file=sys.stderr)
         return 1

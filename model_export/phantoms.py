@@ -18,8 +18,14 @@ The two classes differ where the clinical distinction lies, not in how much lesi
 Each class draws its lesion load from overlapping log-uniform ranges, so volume alone cannot
 separate them and both classes include phantoms with very little lesion.
 
+A :class:`Shift` moves a phantom off the training distribution (noisier, brighter fat, a
+T1-weighted contrast, no lesions, a tumour-like mass) for the out-of-distribution cohorts; the
+default ``Shift()`` is the training distribution exactly. Every written series has its truth on
+its own grid (:class:`SeriesTruth`: lesion and brain masks per file), and
+:func:`write_lesion_seg` stores the lesion mask as a DICOM Segmentation of that series.
+
 numpy and pydicom only: training imports this in data-loader workers, and the service tests use
-it without torch.
+it without torch (highdicom is imported by :func:`write_lesion_seg` alone).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -53,12 +59,16 @@ __all__ = [
     "Contrast",
     "Lesion",
     "PhantomVolume",
+    "SeriesTruth",
+    "Shift",
     "Ventricles",
     "generate_phantom",
     "lesion_slices",
     "make_anatomy",
     "render",
+    "series_truth",
     "write_dicom_series",
+    "write_lesion_seg",
 ]
 
 CLASS_NAMES: tuple[str, str] = ("MS", "cSVD")  # index = label id used by training
@@ -158,9 +168,10 @@ LESION_SITES: tuple[str, ...] = (
 
 @dataclass(frozen=True, eq=False)
 class Lesion:
-    """One hyperintense ovoid, or a lacune: a CSF-filled cavity whose gliotic rim is bright."""
+    """One hyperintense ovoid, or a lacune: a CSF-filled cavity whose gliotic rim is bright, or
+    (a distribution shift only) a mass: a core in an oedema rim, filling all they cover."""
 
-    kind: str  # "ovoid" | "lacune"
+    kind: str  # "ovoid" | "lacune" | "mass" (Shift(lesions="mass") only; rim_mm = oedema)
     site: str  # periventricular, juxtacortical, infratentorial, callosal, deep, pontine, lacune
     centre: F64Array  # head frame, mm
     axes: F64Array  # 3x3, columns are the principal directions in the head frame
@@ -370,8 +381,11 @@ def _geometry(label: str, seed: int) -> Anatomy:
     )
 
 
-def make_anatomy(label: str, seed: int) -> Anatomy:
-    """Head, contrast and lesions of one phantom; deterministic in (label, seed)."""
+def make_anatomy(label: str, seed: int, shift: Shift | None = None) -> Anatomy:
+    """Head, contrast and lesions of one phantom; deterministic in (label, seed).
+
+    ``shift`` is applied after everything is drawn: the same seed gives the same head, and
+    ``None`` or ``Shift()`` give exactly the training-distribution phantom."""
     label_id = _check_label(label)
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -381,11 +395,118 @@ def make_anatomy(label: str, seed: int) -> Anatomy:
     target_ml = float(math.exp(rng.uniform(math.log(low), math.log(high))))
     if label == "MS":
         lesions = _ms_lesions(anatomy, rng, target_ml)
-        return replace(anatomy, load_target_ml=target_ml, lesions=tuple(lesions))
-    grade, lesions, bands = _csvd_lesions(anatomy, rng, target_ml)
-    return replace(
-        anatomy, load_target_ml=target_ml, fazekas=grade, lesions=tuple(lesions), bands=bands
-    )
+        anatomy = replace(anatomy, load_target_ml=target_ml, lesions=tuple(lesions))
+    else:
+        grade, lesions, bands = _csvd_lesions(anatomy, rng, target_ml)
+        anatomy = replace(
+            anatomy, load_target_ml=target_ml, fazekas=grade, lesions=tuple(lesions), bands=bands
+        )
+    return _apply_shift(anatomy, shift)
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution shifts
+# --------------------------------------------------------------------------------------------
+
+SHIFT_CONTRASTS: tuple[str, ...] = ("flair", "t1")
+SHIFT_LESIONS: tuple[str, ...] = ("default", "none", "mass")
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A departure from the training distribution; every default is that distribution exactly.
+
+    ``contrast="t1"`` gives T1-weighted tissue intensities (white matter brighter than grey,
+    CSF dark, lesions hypointense, fat bright) while the files keep their FLAIR protocol
+    header: a non-FLAIR series that slipped through the selection. ``lesions="none"`` removes
+    every lesion; ``lesions="mass"`` replaces them all by one large space-occupying mass with
+    a surrounding oedema, in one cerebral hemisphere's white matter."""
+
+    noise_scale: float = 1.0  # multiplies Anatomy.noise_sigma
+    fat_scale: float = 1.0  # multiplies Contrast.fat
+    contrast: str = "flair"  # one of SHIFT_CONTRASTS
+    lesions: str = "default"  # one of SHIFT_LESIONS
+
+    def __post_init__(self) -> None:
+        # floats, so that Shift(noise_scale=2) and Shift(noise_scale=2.0) are one shift (and
+        # give one set of UIDs)
+        for name in ("noise_scale", "fat_scale"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            object.__setattr__(self, name, value)
+        if self.contrast not in SHIFT_CONTRASTS:
+            raise ValueError(f"contrast must be one of {SHIFT_CONTRASTS}, got {self.contrast!r}")
+        if self.lesions not in SHIFT_LESIONS:
+            raise ValueError(f"lesions must be one of {SHIFT_LESIONS}, got {self.lesions!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == _NO_SHIFT
+
+
+_NO_SHIFT = Shift()
+
+# T1-weighted intensity of each tissue at the middle of its FLAIR range; a phantom's own FLAIR
+# draw scales it, so T1 phantoms vary from seed to seed as FLAIR ones do
+_T1_OF_FLAIR: dict[str, tuple[float, float]] = {  # field: (FLAIR range middle, T1 value)
+    "gm": (560.0, 420.0),
+    "wm": (430.0, 610.0),
+    "deep_gm": (487.5, 470.0),
+    "brainstem": (465.0, 560.0),
+    "csf": (42.5, 60.0),
+    "lesion": (820.0, 300.0),  # hypointense to white matter, a little below cortex
+    "fat": (760.0, 820.0),
+    "muscle": (260.0, 300.0),
+    "skull": (30.0, 30.0),
+    "diploe": (220.0, 470.0),  # fatty marrow
+}
+_MASS_CORE = 0.8  # the mass's core relative to its oedema (both hyperintense on FLAIR)
+
+
+def _t1_contrast(c: Contrast) -> Contrast:
+    return replace(c, **{name: getattr(c, name) / mid * t1
+                         for name, (mid, t1) in _T1_OF_FLAIR.items()})
+
+
+def _mass(anatomy: Anatomy) -> Lesion:
+    """One large mass (20–35 mm radius with its oedema) centred in one hemisphere's white
+    matter, above the ventricles. Its own random stream: the default draws are untouched."""
+    rng = np.random.default_rng([anatomy.seed, 7, _check_label(anatomy.label)])
+    _, sy, su, _ = anatomy.scale
+    side = float(rng.choice([-1.0, 1.0]))
+    radius = float(rng.uniform(20.0, 35.0))
+    centre = np.array([side * float(rng.uniform(0.42, 0.5)) * anatomy.radii[0],
+                       float(rng.uniform(-20.0, 15.0)) * sy, float(rng.uniform(15.0, 28.0)) * su])
+    # stays in its hemisphere (clear of the fissure) and under the vertex
+    total = np.array([
+        min(radius * float(rng.uniform(0.85, 1.0)), abs(float(centre[0])) - 3.0),
+        radius * float(rng.uniform(1.0, 1.2)),
+        min(radius * float(rng.uniform(0.85, 1.0)), anatomy.radii[2] - float(centre[2]) - 4.0),
+    ])
+    oedema = float(total.min()) * float(rng.uniform(0.25, 0.4))
+    axes = _rotation(0.0, 0.0, float(rng.uniform(-0.3, 0.3)))
+    return Lesion("mass", "deep", centre, axes, total - oedema,
+                  float(rng.uniform(0.85, 1.0)), rim_mm=oedema)
+
+
+def _apply_shift(anatomy: Anatomy, shift: Shift | None) -> Anatomy:
+    if shift is None or shift.is_default:
+        return anatomy
+    contrast = anatomy.contrast
+    if shift.contrast == "t1":
+        contrast = _t1_contrast(contrast)
+    if shift.fat_scale != 1.0:
+        contrast = replace(contrast, fat=contrast.fat * shift.fat_scale)
+    changes: dict[str, Any] = {"contrast": contrast,
+                               "noise_sigma": anatomy.noise_sigma * shift.noise_scale}
+    if shift.lesions == "none":
+        changes.update(lesions=(), bands=(), load_target_ml=0.0, fazekas=0)
+    elif shift.lesions == "mass":
+        mass = _mass(anatomy)
+        changes.update(lesions=(mass,), bands=(), load_target_ml=mass.nominal_mm3 / 1000.0,
+                       fazekas=0)
+    return replace(anatomy, **changes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -964,6 +1085,8 @@ def _paint_ventricles_and_lesions(
     mask = np.zeros(img.shape, dtype=bool)
     sites = np.zeros(img.shape, dtype=np.int8)
     cavity = np.zeros_like(img)
+    core: Any = None  # a mass's opacity and its value (Shift(lesions="mass") only)
+    core_value: Any = None
     touched: list[Any] = []
     bands = {b.side: b for b in a.bands}
     v = a.ventricles
@@ -995,6 +1118,21 @@ def _paint_ventricles_and_lesions(
         w = dx * ax[0][1] + dy * ax[1][1] + dz * ax[2][1]
         h = dx * ax[0][2] + dy * ax[1][2] + dz * ax[2][2]
         d = _ellipsoid(u, w, h, (0.0, 0.0, 0.0), les.radii)
+        if les.kind == "mass":
+            # space-occupying: the mottled core and the oedema around it fill all the brain
+            # they cover (the sulci and ventricles there are effaced), painted once the
+            # lesions are in; the oedema's outer edge is diffuse
+            if core is None:
+                core, core_value = np.zeros_like(img), np.zeros_like(img)
+            mottle = np.sin(0.35 * u + 0.5) * np.sin(0.3 * w - 0.7) * np.sin(0.4 * h + 1.1)
+            oedema = c.lesion * les.strength
+            value = oedema + (oedema * (_MASS_CORE + 0.08 * mottle) - oedema) * _soft(d)
+            alpha = _soft(d - les.rim_mm, 3.0)
+            core_value[idx] = np.where(alpha > core[idx], value, core_value[idx])
+            core[idx] = np.maximum(core[idx], alpha)
+            sites[idx] = np.where(alpha > 0.5, LESION_SITES.index(les.site), sites[idx])
+            touched.append(idx)
+            continue
         lesion[idx] = np.maximum(lesion[idx], les.strength * _soft(d - les.rim_mm))
         inside = d < les.rim_mm
         mask[idx] |= inside
@@ -1006,13 +1144,19 @@ def _paint_ventricles_and_lesions(
         return mask, sites
     idx = np.unique(np.concatenate(touched))
     # lesions replace parenchyma only: not the ventricles, sulci or anything outside the brain
-    low, high = c.csf + 0.35 * (c.wm - c.csf), c.csf + 0.75 * (c.wm - c.csf)
+    # (parenchyma: at least part way from CSF to the darker of grey and white matter)
+    tissue = min(c.wm, c.gm)
+    low, high = c.csf + 0.35 * (tissue - c.csf), c.csf + 0.75 * (tissue - c.csf)
     sub = img[idx]
     parenchyma = np.clip((sub - low) / (high - low), 0.0, 1.0) * _soft(d_brain[idx])
     sub = _paint(sub, c.lesion, lesion[idx] * parenchyma)
     cav = cavity[idx] * _soft(d_brain[idx])
     img[idx] = _paint(sub, c.csf * 1.3, cav)
     mask[idx] = (mask[idx] & (parenchyma > 0.5)) | (cav > 0.5)
+    if core is not None:
+        filled = core[idx] * _soft(d_brain[idx])
+        img[idx] = _paint(img[idx], core_value[idx], filled)
+        mask[idx] |= filled > 0.5
     sites[~mask] = 0
     return mask, sites
 
@@ -1042,20 +1186,43 @@ def render_with_sites(
     Without ``rng`` the image is the noiseless, bias-free signal (still with the scanner gain);
     with it, a smooth multiplicative bias field and Rician noise (the magnitude of complex
     Gaussian noise) are applied, drawn from ``rng`` in a fixed order."""
+    image, mask, sites, _ = _render(anatomy, points_lps, rng, brain=False)
+    return image, mask, sites
+
+
+def _inside_brain(a: Anatomy, grid: _Blocks, d_brain: Any) -> Any:
+    """Where the brain's partial-volume opacity exceeds one half (``_soft(d_brain) > 0.5``),
+    and the fourth ventricle, which lies between the brainstem and the cerebellum."""
+    inside = d_brain < 0.0
+    centre, radii = a.structure("fourth")
+    idx = grid.select(centre, radii + 1.0)
+    inside[idx] |= _ellipsoid(grid.x[idx], grid.y[idx], grid.z[idx], centre, radii) < 0.0
+    return inside
+
+
+def _render(
+    anatomy: Anatomy, points_lps: npt.ArrayLike, rng: np.random.Generator | None, *, brain: bool
+) -> tuple[FloatArray, BoolArray, npt.NDArray[np.int8], BoolArray | None]:
+    """:func:`render_with_sites`, and with ``brain`` the intracranial brain mask from the same
+    pass: inside the brain's surface (cerebrum, cerebellum, brainstem, with the ventricles
+    and the sulci they enclose; see :func:`_inside_brain`)."""
     pts = np.asarray(points_lps, dtype=np.float64)
     if pts.ndim < 1 or pts.shape[-1] != 3:
         raise ValueError(f"points must have shape (..., 3), got {pts.shape}")
     out_shape = pts.shape[:-1]
     flat = pts.reshape(-1, 3)
     if flat.shape[0] == 0:
-        return np.zeros(out_shape, np.float32), np.zeros(out_shape, bool), np.zeros(
-            out_shape, np.int8)
+        return (np.zeros(out_shape, np.float32), np.zeros(out_shape, bool),
+                np.zeros(out_shape, np.int8), np.zeros(out_shape, bool) if brain else None)
     grid = _Grid(anatomy, flat)
     image = np.zeros((grid.nb, _BLOCK), dtype=np.float32)
     mask = np.zeros((grid.nb, _BLOCK), dtype=bool)
     sites = np.zeros((grid.nb, _BLOCK), dtype=np.int8)
+    inside = np.zeros((grid.nb, _BLOCK), dtype=bool) if brain else None
     for idx, blocks in grid.chunks(_CHUNK):
         img, d_brain = _paint_anatomy(anatomy, blocks)
+        if inside is not None:
+            inside[idx] = _inside_brain(anatomy, blocks, d_brain)
         mask[idx], sites[idx] = _paint_ventricles_and_lesions(anatomy, blocks, img, d_brain)
         image[idx] = img
     image *= _F(anatomy.contrast.gain)
@@ -1068,7 +1235,8 @@ def render_with_sites(
     n = grid.n
     return (image.reshape(-1)[:n].reshape(out_shape).astype(np.float32, copy=False),
             mask.reshape(-1)[:n].reshape(out_shape),
-            sites.reshape(-1)[:n].reshape(out_shape))
+            sites.reshape(-1)[:n].reshape(out_shape),
+            None if inside is None else inside.reshape(-1)[:n].reshape(out_shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1088,6 +1256,9 @@ class PhantomVolume:
     # LESION_SITES index of every lesion voxel (0 elsewhere): the descriptor map a reader's
     # annotation would give, used only to pretrain the backbone (model_export.pretrain)
     lesion_sites: npt.NDArray[np.int8] | None = None
+    # intracranial brain (cerebrum, cerebellum, brainstem, with the ventricles and sulcal CSF
+    # inside the brain's surface; not the coverings, the scalp, the neck or air)
+    brain_mask: BoolArray | None = None
 
 
 @dataclass(frozen=True)
@@ -1140,7 +1311,14 @@ def _slab(centre: F64Array, row_dir: F64Array, col_dir: F64Array, slices: int, r
 
 def _axial_geometry(anatomy: Anatomy, slices: int, matrix: int, thickness: float,
                     pixel: float) -> _Geometry:
-    """Field of view centred on the scanner isocentre in-plane, slab centred on the brain."""
+    """Field of view centred on the scanner isocentre in-plane, slab centred on the brain.
+    Pixel size and thickness are taken as their DS strings write them (0.9375 mm is exact;
+    230/288 mm becomes 0.798611), so the headers describe the rendered grid exactly."""
+    if slices < 1 or matrix < 1 or thickness <= 0 or pixel <= 0:
+        raise ValueError("slices, matrix, slice thickness and pixel size must be positive")
+    pixel, thickness = float(_ds(float(pixel))), float(_ds(float(thickness)))
+    if pixel <= 0 or thickness <= 0:
+        raise ValueError("pixel size and slice thickness must be at least 1e-6 mm")
     centre = np.array([0.0, 0.0, round(float(anatomy.brain_centre_lps()[2]), 1)])
     return _slab(centre, np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), slices, matrix,
                  matrix, pixel, thickness, thickness)
@@ -1148,6 +1326,9 @@ def _axial_geometry(anatomy: Anatomy, slices: int, matrix: int, thickness: float
 
 def _noise_rng(label: str, seed: int, variant: str) -> np.random.Generator:
     return np.random.default_rng([seed, 3, _check_label(label), VARIANTS.index(variant)])
+
+
+_AXIAL_GRID: dict[str, float] = {"matrix": 256, "pixel_mm": 0.9375, "slice_thickness_mm": 5.0}
 
 
 def generate_phantom(
@@ -1158,22 +1339,29 @@ def generate_phantom(
     matrix: int = 256,
     slice_thickness_mm: float = 5.0,
     pixel_mm: float = 0.9375,
+    shift: Shift | None = None,
 ) -> PhantomVolume:
     """An axial acquisition of the phantom (contiguous slices, slab centred on the brain), as
-    the canonical SPL array training and the service both use."""
+    the canonical SPL array training and the service both use; ``shift`` moves it off the
+    training distribution (see :class:`Shift`)."""
     if slices < 1 or matrix < 1 or slice_thickness_mm <= 0 or pixel_mm <= 0:
         raise ValueError("slices, matrix, slice thickness and pixel size must be positive")
-    anatomy = make_anatomy(label, seed)
+    anatomy = make_anatomy(label, seed, shift)
     geometry = _axial_geometry(anatomy, slices, matrix, slice_thickness_mm, pixel_mm)
-    volume, mask, sites = render_with_sites(anatomy, geometry.points(),
-                                            _noise_rng(label, seed, "axial"))
+    return _axial_phantom(anatomy, geometry)
+
+
+def _axial_phantom(anatomy: Anatomy, geometry: _Geometry) -> PhantomVolume:
+    label, seed = anatomy.label, anatomy.seed
+    volume, mask, sites, brain = _render(anatomy, geometry.points(),
+                                         _noise_rng(label, seed, "axial"), brain=True)
     affine = np.eye(4)
     affine[:3, 0] = geometry.normal * geometry.spacing
     affine[:3, 1] = geometry.col_dir * geometry.pixel
     affine[:3, 2] = geometry.row_dir * geometry.pixel
     affine[:3, 3] = geometry.positions[0]
     return PhantomVolume(volume=volume, lesion_mask=mask, label=label, affine=affine, seed=seed,
-                         lesion_sites=sites)
+                         lesion_sites=sites, brain_mask=brain)
 
 
 def lesion_slices(p: PhantomVolume) -> npt.NDArray[np.bool_]:
@@ -1226,10 +1414,13 @@ _STUDY_DATE, _STUDY_TIME = "20240115", "100000"
 _UID_ROOT = "flaircad-phantom"
 
 
-def _series_geometry(anatomy: Anatomy, label: str, seed: int, variant: str,
-                     slices: int) -> _Geometry:
+def _series_geometry(anatomy: Anatomy, label: str, seed: int, variant: str, slices: int,
+                     matrix: int = 256, pixel_mm: float = 0.9375,
+                     slice_thickness_mm: float = 5.0) -> _Geometry:
+    """The grid of one variant (``matrix``, ``pixel_mm`` and ``slice_thickness_mm``: the axial
+    variant's only)."""
     if variant == "axial":
-        return _axial_geometry(anatomy, slices, 256, 5.0, 0.9375)
+        return _axial_geometry(anatomy, slices, matrix, slice_thickness_mm, pixel_mm)
     brain = np.round(anatomy.brain_centre_lps(), 1)
     if variant == "sagittal":
         # columns run anterior->posterior, rows superior->inferior; slices step right->left
@@ -1249,6 +1440,119 @@ def _uid(label: str, seed: int, *parts: object) -> UID:
     return generate_uid(entropy_srcs=[_UID_ROOT, label, str(seed), *(str(p) for p in parts)])
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What one series is: its anatomy (shift applied), grid and what names its UIDs."""
+
+    anatomy: Anatomy
+    variant: str
+    geometry: _Geometry
+    shift: Shift
+    uid_parts: tuple[object, ...]  # variant, slices, then what differs from the defaults
+
+
+def _plan(label: str, seed: int, variant: str, slices: int | None, shift: Shift | None,
+          matrix: int | None, pixel_mm: float | None,
+          slice_thickness_mm: float | None) -> _Plan:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    n_slices = _DEFAULT_SLICES[variant] if slices is None else int(slices)
+    if n_slices < 1:
+        raise ValueError("slices must be positive")
+    if shift is not None and not isinstance(shift, Shift):
+        raise TypeError(f"shift must be a Shift or None, got {type(shift).__name__}")
+    given = {"matrix": matrix, "pixel_mm": pixel_mm, "slice_thickness_mm": slice_thickness_mm}
+    if variant != "axial" and any(v is not None for v in given.values()):
+        raise ValueError("matrix, pixel_mm and slice_thickness_mm apply to the axial variant "
+                         f"only, not to {variant!r}")
+    if matrix is not None and int(matrix) != matrix:
+        raise ValueError(f"matrix must be a whole number, got {matrix!r}")
+    grid = {k: _AXIAL_GRID[k] if v is None else float(v) for k, v in given.items()}
+    anatomy = make_anatomy(label, seed, shift)
+    geometry = _series_geometry(anatomy, label, seed, variant, n_slices, int(grid["matrix"]),
+                                float(grid["pixel_mm"]), float(grid["slice_thickness_mm"]))
+    shift = _NO_SHIFT if shift is None else shift
+    # only what is not the default enters the UIDs, so default series keep theirs
+    extra: list[str] = []
+    if not shift.is_default:
+        extra.append(f"shift {shift!r}")
+    if variant == "axial" and (geometry.rows, geometry.pixel, geometry.thickness) != (
+            _AXIAL_GRID["matrix"], _AXIAL_GRID["pixel_mm"], _AXIAL_GRID["slice_thickness_mm"]):
+        extra.append(f"grid {geometry.rows} {geometry.pixel!r} {geometry.thickness!r}")
+    return _Plan(anatomy, variant, geometry, shift, (variant, n_slices, *extra))
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesTruth:
+    """Ground truth on the grid of one written series.
+
+    ``lesion_mask[k]`` and ``brain_mask[k]`` belong to file ``IM{k+1:04d}.dcm`` (instance
+    number k + 1) and have its pixel array's (rows, columns); the geometry is that of the
+    headers (``ImagePositionPatient`` per file, ``ImageOrientationPatient``, ``PixelSpacing``)."""
+
+    label: str
+    seed: int
+    variant: str
+    shift: Shift
+    lesion_mask: BoolArray  # (n_files, rows, cols)
+    brain_mask: BoolArray  # (n_files, rows, cols), see PhantomVolume.brain_mask
+    positions_lps: F64Array  # (n_files, 3): ImagePositionPatient of each file
+    row_dir: F64Array  # first IOP triplet: direction of increasing column index
+    col_dir: F64Array  # second IOP triplet: direction of increasing row index
+    pixel_spacing_mm: tuple[float, float]  # PixelSpacing: (between rows, between columns)
+    slice_thickness_mm: float
+    spacing_between_slices_mm: float
+    series_instance_uid: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, rows, cols = self.lesion_mask.shape
+        return int(n), int(rows), int(cols)
+
+    def points(self) -> F64Array:
+        """LPS position (mm) of every voxel, shape (n_files, rows, cols, 3)."""
+        return _Geometry(self.positions_lps, self.row_dir, self.col_dir,
+                         self.pixel_spacing_mm[0], *self.shape[1:], self.slice_thickness_mm,
+                         self.spacing_between_slices_mm).points()
+
+
+def _series_uid(label: str, seed: int, plan: _Plan) -> UID:
+    return _uid(label, seed, *plan.uid_parts, "series")
+
+
+def _truth(label: str, seed: int, plan: _Plan, lesion_mask: BoolArray,
+           brain_mask: BoolArray) -> SeriesTruth:
+    g = plan.geometry
+    return SeriesTruth(
+        label=label, seed=seed, variant=plan.variant, shift=plan.shift,
+        lesion_mask=lesion_mask, brain_mask=brain_mask, positions_lps=g.positions.copy(),
+        row_dir=g.row_dir.copy(), col_dir=g.col_dir.copy(),
+        pixel_spacing_mm=(g.pixel, g.pixel), slice_thickness_mm=g.thickness,
+        spacing_between_slices_mm=g.spacing, series_instance_uid=_series_uid(label, seed, plan),
+    )
+
+
+def series_truth(
+    label: str,
+    seed: int,
+    *,
+    variant: str = "axial",
+    slices: int | None = None,
+    shift: Shift | None = None,
+    matrix: int | None = None,
+    pixel_mm: float | None = None,
+    slice_thickness_mm: float | None = None,
+) -> SeriesTruth:
+    """The lesion and brain masks of the series :func:`write_dicom_series` writes for the same
+    arguments, voxel for voxel, without writing it. The masks do not depend on noise, so this
+    renders the noiseless phantom once (about half the cost of writing the series); callers
+    that write the series anyway get the same truth from ``write_dicom_series(truth=True)``."""
+    plan = _plan(label, seed, variant, slices, shift, matrix, pixel_mm, slice_thickness_mm)
+    _, mask, _, brain = _render(plan.anatomy, plan.geometry.points(), None, brain=True)
+    assert brain is not None
+    return _truth(label, seed, plan, mask, brain)
+
+
 def _jpeg_lossless_unavailable() -> str | None:
     from pydicom.pixels import get_encoder
 
@@ -1263,6 +1567,24 @@ def _jpeg_lossless_unavailable() -> str | None:
     return None
 
 
+@overload
+def write_dicom_series(
+    label: str, seed: int, out_dir: Path, *, variant: str = ..., slices: int | None = ...,
+    compress: str | None = ..., shift: Shift | None = ..., matrix: int | None = ...,
+    pixel_mm: float | None = ..., slice_thickness_mm: float | None = ...,
+    truth: Literal[False] = ...,
+) -> list[Path]: ...
+
+
+@overload
+def write_dicom_series(
+    label: str, seed: int, out_dir: Path, *, variant: str = ..., slices: int | None = ...,
+    compress: str | None = ..., shift: Shift | None = ..., matrix: int | None = ...,
+    pixel_mm: float | None = ..., slice_thickness_mm: float | None = ...,
+    truth: Literal[True],
+) -> tuple[list[Path], SeriesTruth]: ...
+
+
 def write_dicom_series(
     label: str,
     seed: int,
@@ -1271,30 +1593,41 @@ def write_dicom_series(
     variant: str = "axial",
     slices: int | None = None,
     compress: str | None = None,
-) -> list[Path]:
+    shift: Shift | None = None,
+    matrix: int | None = None,
+    pixel_mm: float | None = None,
+    slice_thickness_mm: float | None = None,
+    truth: bool = False,
+) -> list[Path] | tuple[list[Path], SeriesTruth]:
     """Write the phantom as a classic single-frame MR Image Storage series, one file per slice
     (``IM0001.dcm`` …), byte-for-byte reproducible.
 
     All variants of one (label, seed) share the study and the frame of reference: they are
     the same head in the same scanner coordinates, which lets multi-series code be tested.
     ``compress`` picks a lossless transfer syntax (see ``COMPRESSIONS``); SOP Instance UIDs do
-    not change with it, since a lossless transfer syntax does not make a new image."""
+    not change with it, since a lossless transfer syntax does not make a new image.
+
+    ``shift`` moves the phantom off the training distribution (the protocol header stays
+    FLAIR's, even for a T1 contrast); ``matrix``, ``pixel_mm`` and ``slice_thickness_mm``
+    change the axial grid (axial only; the axial series is always exactly what
+    :func:`generate_phantom` renders for the same arguments). Series and instance UIDs change
+    with a non-default shift or grid. With ``truth`` it returns ``(paths, SeriesTruth)``: the
+    masks from the same rendering pass."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if compress is not None and compress not in COMPRESSIONS:
         raise ValueError(f"compress must be None or one of {tuple(COMPRESSIONS)}, got {compress!r}")
     if compress == "jpeg-lossless" and (why := _jpeg_lossless_unavailable()) is not None:
         raise ValueError(why)
-    n_slices = _DEFAULT_SLICES[variant] if slices is None else int(slices)
-    if n_slices < 1:
-        raise ValueError("slices must be positive")
-
-    anatomy = make_anatomy(label, seed)
-    geometry = _series_geometry(anatomy, label, seed, variant, n_slices)
+    plan = _plan(label, seed, variant, slices, shift, matrix, pixel_mm, slice_thickness_mm)
+    anatomy, geometry = plan.anatomy, plan.geometry
+    n_slices = len(geometry.positions)
     if variant == "axial":
-        volume = generate_phantom(label, seed, slices=n_slices).volume
+        phantom = _axial_phantom(anatomy, geometry)
+        volume, mask, brain = phantom.volume, phantom.lesion_mask, phantom.brain_mask
     else:
-        volume, _ = render(anatomy, geometry.points(), _noise_rng(label, seed, variant))
+        volume, mask, _, brain = _render(anatomy, geometry.points(),
+                                         _noise_rng(label, seed, variant), brain=truth)
 
     peak = float(volume.max())
     slope_text = _ds(max(peak, 1.0) / 60000.0) if peak > 0 else "1"
@@ -1308,13 +1641,13 @@ def write_dicom_series(
     protocol = _PROTOCOLS[variant]
     study_uid = _uid(label, seed, "study")
     frame_uid = _uid(label, seed, "frame-of-reference")
-    series_uid = _uid(label, seed, variant, n_slices, "series")
+    series_uid = _series_uid(label, seed, plan)
     iop = [_ds(float(v)) for v in (*geometry.row_dir, *geometry.col_dir)]
     normal = geometry.normal
     paths = []
     for k in range(n_slices):
         ds = _base_dataset(label, seed, anatomy, protocol)
-        sop_uid = _uid(label, seed, variant, n_slices, "instance", k)
+        sop_uid = _uid(label, seed, *plan.uid_parts, "instance", k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -1344,7 +1677,10 @@ def write_dicom_series(
         path = out_dir / f"IM{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    return paths
+    if not truth:
+        return paths
+    assert brain is not None
+    return paths, _truth(label, seed, plan, mask, brain)
 
 
 def _base_dataset(label: str, seed: int, anatomy: Anatomy, protocol: dict[str, Any]) -> Dataset:
@@ -1399,3 +1735,93 @@ def _base_dataset(label: str, seed: int, anatomy: Anatomy, protocol: dict[str, A
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth as DICOM Segmentation
+# --------------------------------------------------------------------------------------------
+
+_SEG_SERIES_DESCRIPTION = "flaircad phantom lesion truth - RESEARCH ONLY"
+_SEG_TIME = "110000"
+
+
+def write_lesion_seg(series_files: list[Path], truth: SeriesTruth, out_path: Path) -> Path:
+    """Write ``truth.lesion_mask`` as a binary DICOM Segmentation (highdicom) of the phantom
+    series in ``series_files``, byte-for-byte reproducible.
+
+    One segment, a Lesion (SCT 52988006) of category Morphologically Altered Structure
+    (SCT 49755003), is the generator's exact ground truth: no algorithm segmented the image.
+    Frames reference the phantom's own instances (matched by InstanceNumber: truth index k is
+    instance k + 1); frames without lesion are omitted, unless no frame has any. Same
+    patient, study and frame of reference as the series; the UIDs derive from the series'.
+    Write it outside the series' folder (it is a series of its own)."""
+    import highdicom as hd
+    from pydicom import dcmread
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    sources = sorted((dcmread(Path(p), stop_before_pixels=True) for p in series_files),
+                     key=lambda ds: int(ds.get("InstanceNumber") or 0))
+    n, rows, cols = truth.shape
+    if [int(ds.get("InstanceNumber") or 0) for ds in sources] != list(range(1, n + 1)):
+        raise ValueError(f"series_files must be the {n} instances of the truth's series "
+                         f"(instance numbers 1..{n}), got {len(sources)} files")
+    for ds in sources:
+        if ds.get("SeriesInstanceUID") != truth.series_instance_uid:
+            raise ValueError(f"{ds.get('SOPInstanceUID')} is not in the series the truth "
+                             f"describes ({truth.series_instance_uid})")
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise ValueError(f"instance {ds.InstanceNumber} is {ds.Rows}x{ds.Columns}, the "
+                             f"truth {rows}x{cols}")
+
+    label, seed = truth.label, truth.seed
+    parts = ("lesion-seg", truth.series_instance_uid)
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Lesion",
+        segmented_property_category=Code("49755003", "SCT", "Morphologically Altered Structure"),
+        segmented_property_type=Code("52988006", "SCT", "Lesion"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="flaircad phantom generator (exact ground truth)",
+            family=codes.cid7162.ManualProcessing,  # hand-written rules, no segmentation
+            version="1",
+        ),
+        tracking_id="phantom lesion truth",
+        tracking_uid=_uid(label, seed, *parts, "tracking"),
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.ascontiguousarray(truth.lesion_mask, dtype=bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=_uid(label, seed, *parts, "series"),
+        series_number=int(sources[0].get("SeriesNumber") or 0) + 100,
+        sop_instance_uid=_uid(label, seed, *parts, "instance"),
+        instance_number=1,
+        manufacturer="flaircad phantom",
+        manufacturer_model_name="analytic FLAIR phantom",
+        software_versions="flaircad phantoms",
+        device_serial_number="0",
+        content_description="exact lesion ground truth of the synthetic phantom",
+        content_label="LESION_TRUTH",
+        # all frames when there is no lesion at all (highdicom would warn and do so anyway)
+        omit_empty_frames=bool(truth.lesion_mask.any()),
+        series_description=_SEG_SERIES_DESCRIPTION,
+        series_date=_STUDY_DATE,
+        series_time=_SEG_TIME,
+        content_date=_STUDY_DATE,
+        content_time=_SEG_TIME,
+    )
+    # highdicom stamps the wall clock and a random dimension organisation UID: fix them
+    seg.InstanceCreationDate, seg.InstanceCreationTime = _STUDY_DATE, _SEG_TIME
+    dimension_uid = _uid(label, seed, *parts, "dimension-organization")
+    for element in seg.iterall():
+        if element.keyword == "DimensionOrganizationUID":
+            element.value = dimension_uid
+        elif element.keyword == "ContributionDateTime":
+            element.value = _STUDY_DATE + _SEG_TIME
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out_path, enforce_file_format=True)
+    return out_path

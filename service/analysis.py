@@ -10,9 +10,12 @@ A straight line of stages, each timed (milliseconds, in ``timings_ms``):
 ``preprocess``
     reorient, scale, resize to the model grid (:mod:`service.preprocess`);
 ``inference``
-    the one onnxruntime run that yields the probabilities *and* the Grad-CAM;
+    the one onnxruntime run that yields the probabilities, the explanation maps and the
+    out-of-distribution score;
 ``render``
-    Grad-CAM overlays per source slice and the preview montage (:mod:`service.overlay`);
+    overlays of the chosen explanation map (``explanation``: HiResCAM, Grad-CAM or attention,
+    :data:`service.contract.EXPLANATIONS`) per source slice and the preview montage
+    (:mod:`service.overlay`);
 ``encode``
     the Secondary Capture series and the Comprehensive SR (:mod:`service.sc`,
     :mod:`service.sr`), written to DICOM Part 10 bytes;
@@ -45,6 +48,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from service import overlay, sanitize, sc, sr
+from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.engine import EngineOutput, ModelInfo
 from service.flair import RuleSet, flair_rejection, load_rules, selection_attributes
 from service.ingest import Code, Series, Source, ingest
@@ -97,7 +101,10 @@ class Analysis:
     prediction: str  # the class with the highest probability
     probabilities: dict[str, float]  # keys: class names from the model metadata, in order
     slice_weights: list[float]  # per source slice, InstanceNumber order, sums to 1
+    explanation: str  # the map the overlays show, a key of contract.EXPLANATIONS
+    distribution: dict[str, Any]  # contract.DistributionCheck.assess of the input
     model: dict[str, str]  # name, version, provider
+    calibration: dict[str, Any]  # temperature (already applied inside the model), fitted_on
     sc_series_instance_uid: str
     sc_sop_instance_uids: list[str]  # InstanceNumber order
     sr_series_instance_uid: str
@@ -127,7 +134,11 @@ class Analysis:
             "prediction": self.prediction,
             "probabilities": dict(self.probabilities),
             "slice_weights": list(self.slice_weights),
+            "explanation": {"map": self.explanation,
+                            "description": EXPLANATIONS[self.explanation]},
+            "distribution": dict(self.distribution),
             "model": dict(self.model),
+            "calibration": dict(self.calibration),
             "outputs": {
                 "secondary_capture_series_instance_uid": self.sc_series_instance_uid,
                 "sr_sop_instance_uid": self.sr_sop_instance_uid,
@@ -233,10 +244,16 @@ def analyse(
     rules: RuleSet | None = None,
     accept_non_flair: bool = False,
     limits: Limits | None = None,
+    explanation: str = DEFAULT_EXPLANATION,
 ) -> Analysis:
     """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
+    The overlays and the preview show the map ``explanation`` (a key of
+    :data:`service.contract.EXPLANATIONS`; anything else is a ValueError, before any work).
     Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series, or one
     larger than ``limits`` allow (checked on the headers, before any pixel is decoded)."""
+    if explanation not in EXPLANATIONS:
+        raise ValueError(f"unknown explanation map {explanation!r}; one of "
+                         f"{sorted(EXPLANATIONS)}")
     clock = _Clock()
     warnings: list[str] = []
 
@@ -280,17 +297,26 @@ def analyse(
     probabilities = {name: float(p) for name, p in
                      zip(info.class_names, output.probabilities[0], strict=True)}
     prediction = info.class_names[int(np.argmax(output.probabilities[0]))]
-    banner = overlay.Banner(prediction, probabilities, info.name, info.version)
+    distribution = info.distribution.assess(float(output.ood_score[0]))
+    if not distribution["in_distribution"]:
+        warnings.append(
+            f"outside the training distribution: {distribution['method']} score "
+            f"{distribution['score']} above the threshold {distribution['threshold']}; the "
+            "model knows MS and cSVD phantoms only, its result and map are unreliable here")
+    label = overlay.explanation_label(explanation)
+    banner = overlay.Banner(prediction, probabilities, info.name, info.version,
+                            explanation=explanation,
+                            in_distribution=bool(distribution["in_distribution"]))
     order = _display_order(volume)
     pixel_spacing = (volume.spacing_mm[1], volume.spacing_mm[2])
     rendered = overlay.render(
-        volume.array, prepared, output.gradcam[0], output.slice_weights[0],
+        volume.array, prepared, output.explanation(explanation)[0], output.slice_weights[0],
         output.spatial_attention[0], banner, display_order=order,
         slice_labels=[_slice_label(volume, k) for k in range(len(volume.slices))],
         pixel_spacing=pixel_spacing,
     )
     if not rendered.cam.any():
-        warnings.append("the Grad-CAM is zero everywhere: the overlays show no colour")
+        warnings.append(f"the {label} map is zero everywhere: the overlays show no colour")
     weights = np.asarray([rendered.slice_weights[k] for k in order], dtype=np.float64)
     weights = weights / weights.sum()
     clock.lap("render")
@@ -309,7 +335,8 @@ def analyse(
         [rendered.overlays[k] for k in order], sources_in_order, header.dataset,
         model=model, prediction=prediction, probabilities_text=probabilities_text,
         series_number=_series_number(first, SC_SERIES_OFFSET), pixel_spacing=pixel_spacing,
-        orientation=sc.patient_orientation(volume.affine_lps),
+        orientation=sc.patient_orientation(volume.affine_lps), explanation=explanation,
+        distribution=distribution,
     )
     source_series = sanitize.clean_uid(volume.info.series_instance_uid)
     if not source_series:
@@ -322,7 +349,8 @@ def analyse(
         secondary_captures=[sr.EvidenceInstance(c.SOPClassUID, c.SOPInstanceUID,
                                                 c.SeriesInstanceUID) for c in captures],
         model=model, prediction=prediction, probabilities=probabilities,
-        series_number=_series_number(first, SR_SERIES_OFFSET),
+        series_number=_series_number(first, SR_SERIES_OFFSET), explanation=explanation,
+        distribution=distribution, temperature=info.calibration.temperature,
     )
     sc_bytes = sc.encode_series(captures)
     sr_bytes = sc.encode_part10(report)
@@ -337,7 +365,11 @@ def analyse(
         prediction=prediction,
         probabilities=probabilities,
         slice_weights=[float(w) for w in weights],
+        explanation=explanation,
+        distribution=distribution,
         model={"name": info.name, "version": info.version, "provider": engine.provider},
+        calibration={"temperature": float(info.calibration.temperature),
+                     "fitted_on": info.calibration.fitted_on},
         sc_series_instance_uid=str(captures[0].SeriesInstanceUID),
         sc_sop_instance_uids=[str(c.SOPInstanceUID) for c in captures],
         sr_series_instance_uid=str(report.SeriesInstanceUID),

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "flaircad tells multiple sclerosis (MS) from cerebral small vessel disease (cSVD) on "
-    "T2-FLAIR MRI and shows why, as Grad-CAM overlays (DICOM Secondary Capture) and a DICOM "
-    "SR. RESEARCH USE ONLY - NOT FOR DIAGNOSIS."
+    "T2-FLAIR MRI and shows why, as overlays of an explanation map (HiResCAM by default; "
+    "FLAIRCAD_EXPLANATION) in a DICOM Secondary Capture series, and a DICOM SR; inputs unlike "
+    "the training data are flagged. RESEARCH USE ONLY - NOT FOR DIAGNOSIS."
 )
 
 

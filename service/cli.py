@@ -10,26 +10,70 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the subcommands import what they need when they run
+    from service.config import Settings
     from service.flair import RuleSet
     from service.volume import SeriesOutcome
 
 RESEARCH_NOTICE = "flaircad: RESEARCH USE ONLY, NOT FOR DIAGNOSIS."
 
 
-def _phantom(args: argparse.Namespace) -> int:
-    # Imported here so that `flaircad --help` and the service never pay for (or need) it.
-    from model_export.phantoms import write_dicom_series
+def _settings(command: str) -> Settings | None:
+    """The FLAIRCAD_* settings, or None after saying on stderr which ones are invalid (the
+    command then exits 2 instead of starting)."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
 
     try:
-        files = write_dicom_series(args.label, args.seed, args.out, variant=args.variant,
-                                   slices=args.slices, compress=args.compress)
+        return Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            name = "FLAIRCAD_" + "_".join(str(p) for p in problem["loc"][:1]).upper()
+            print(f"flaircad {command}: invalid setting {name}: {problem['msg']}",
+                  file=sys.stderr)
+        return None
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    # Imported here so that `flaircad --help` and the service never pay for (or need) it.
+    from dataclasses import asdict
+
+    from model_export.phantoms import Shift, write_dicom_series, write_lesion_seg
+
+    seg_path: Path | None = args.lesion_seg
+    if seg_path is not None and seg_path.resolve().is_relative_to(args.out.resolve()):
+        # OUT/*.dcm is posted as one series: the SEG, a series of its own, must not be in it
+        print(f"flaircad phantom: --lesion-seg {seg_path} is inside --out {args.out}; write "
+              "it outside the series folder", file=sys.stderr)
+        return 2
+    try:
+        shift = Shift(noise_scale=args.noise_scale, fat_scale=args.fat_scale,
+                      contrast=args.contrast, lesions=args.lesions)
+        files, truth = write_dicom_series(
+            args.label, args.seed, args.out, variant=args.variant, slices=args.slices,
+            compress=args.compress, shift=shift, matrix=args.matrix, pixel_mm=args.pixel_mm,
+            slice_thickness_mm=args.slice_thickness_mm, truth=True)
+        if seg_path is not None:
+            write_lesion_seg(files, truth, seg_path)
     except ValueError as error:  # e.g. a codec pydicom cannot encode here
         print(f"flaircad phantom: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"label": args.label, "seed": args.seed, "variant": args.variant,
                       "compress": args.compress, "n_instances": len(files),
-                      "out": str(args.out)}))
+                      "out": str(args.out), "shift": asdict(shift),
+                      "lesion_voxels": int(truth.lesion_mask.sum()),
+                      "lesion_seg": None if seg_path is None else str(seg_path)}))
     return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -41,7 +85,6 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service import logs
-    from service.config import Settings
 
     # Command-line values travel as FLAIRCAD_* variables: with --workers the worker processes
     # build their own Settings from the environment.
@@ -49,7 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
                         ("HTTP_WORKERS", args.workers)):
         if value is not None:
             os.environ[f"FLAIRCAD_{name}"] = str(value)
-    settings = Settings()
+    settings = _settings("serve")
+    if settings is None:
+        return 2
     log_config = logs.config(settings.log_level)
     logging.config.dictConfig(log_config)
     logging.getLogger("service.cli").warning(RESEARCH_NOTICE)
@@ -118,7 +163,6 @@ def _inspect_record(
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from service.config import Settings
     from service.flair import RulesError, load_rules
     from service.volume import load_folder
 
@@ -126,8 +170,11 @@ def _inspect(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         print(f"flaircad inspect: {folder} is not a folder", file=sys.stderr)
         return 2
+    settings = _settings("inspect")
+    if settings is None:
+        return 2
     try:
-        rules = load_rules(args.rules or Settings().flair_rules)
+        rules = load_rules(args.rules or settings.flair_rules)
     except (OSError, RulesError) as error:
         print(f"flaircad inspect: FLAIR rules: {error}", file=sys.stderr)
         return 2
@@ -150,7 +197,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from service.analysis import AnalysisRejected, analyse, write_outputs
-    from service.config import Settings
     from service.engine import Engine
     from service.flair import RulesError, load_rules
     from service.ingest import iter_folder
@@ -159,7 +205,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         print(f"flaircad analyze: {folder} is not a folder", file=sys.stderr)
         return 2
-    settings = Settings()
+    settings = _settings("analyze")
+    if settings is None:
+        return 2
     try:
         rules = load_rules(args.rules or settings.flair_rules)
     except (OSError, RulesError) as error:
@@ -184,7 +232,8 @@ def _analyze(args: argparse.Namespace) -> int:
     print(RESEARCH_NOTICE, file=sys.stderr)
     try:
         analysis = analyse(iter_folder(folder), engine, rules=rules,
-                           accept_non_flair=args.accept_non_flair or settings.accept_non_flair)
+                           accept_non_flair=args.accept_non_flair or settings.accept_non_flair,
+                           explanation=args.explanation or settings.explanation)
     except AnalysisRejected as rejected:
         print(json.dumps(rejected.to_json()), file=sys.stderr)
         return 3
@@ -199,7 +248,6 @@ def _dimse(args: argparse.Namespace) -> int:
     import os
 
     from service import logs
-    from service.config import Settings
     from service.pacs import run_standalone
 
     for name, value in (("MODEL_PATH", args.model), ("DIMSE_HOST", args.host),
@@ -208,7 +256,9 @@ def _dimse(args: argparse.Namespace) -> int:
             os.environ[f"FLAIRCAD_{name}"] = str(value)
     if args.allow_calling_ae:
         os.environ["FLAIRCAD_DIMSE_ALLOWED_CALLING_AES"] = json.dumps(args.allow_calling_ae)
-    settings = Settings()
+    settings = _settings("dimse")
+    if settings is None:
+        return 2
     if settings.dimse_port is None:
         settings = settings.model_copy(update={"dimse_port": 11112})
     logging.config.dictConfig(logs.config(settings.log_level))
@@ -224,9 +274,12 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+
     parser = argparse.ArgumentParser(
         prog="flaircad",
-        description="MS vs cSVD on T2-FLAIR MRI with Grad-CAM overlays. " + RESEARCH_NOTICE,
+        description="MS vs cSVD on T2-FLAIR MRI with explanation-map overlays (HiResCAM by "
+        "default). " + RESEARCH_NOTICE,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -244,6 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--compress", nargs="?", const="jpegls", default=None,
                          choices=("jpegls", "jpeg2000", "rle", "jpeg-lossless"),
                          help="lossless compression (bare flag: JPEG-LS lossless)")
+    phantom.add_argument("--lesion-seg", type=Path, default=None, metavar="PATH",
+                         help="also write the exact lesion mask as a DICOM Segmentation of the "
+                         "series to PATH (a file outside --out: it is a series of its own)")
+    shift = phantom.add_argument_group(
+        "distribution shift", "move the phantom off the training distribution (defaults: none)")
+    shift.add_argument("--noise-scale", type=_positive_float, default=1.0, metavar="X",
+                       help="multiply the noise level (the 'higher noise' cohort uses 2)")
+    shift.add_argument("--fat-scale", type=_positive_float, default=1.0, metavar="X",
+                       help="multiply the fat intensity (the 'brighter fat' cohort uses 1.25)")
+    shift.add_argument("--contrast", choices=("flair", "t1"), default="flair",
+                       help="t1: T1-weighted tissue intensities under the FLAIR header")
+    shift.add_argument("--lesions", choices=("default", "none", "mass"), default="default",
+                       help="none: no lesion; mass: one large mass with oedema instead")
+    grid = phantom.add_argument_group("axial grid", "the axial variant only")
+    grid.add_argument("--matrix", type=_positive, default=None, metavar="N",
+                      help="rows and columns (default 256)")
+    grid.add_argument("--pixel-mm", type=_positive_float, default=None, metavar="MM",
+                      help="pixel size (default 0.9375)")
+    grid.add_argument("--slice-thickness-mm", type=_positive_float, default=None, metavar="MM",
+                      help="slice thickness and spacing (default 5)")
     phantom.set_defaults(func=_phantom)
 
     serve = commands.add_parser(
@@ -303,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze", help="analyse one FLAIR series folder: result.json, SC + SR .dcm, preview.png",
         description="Run the analysis the service runs, without a server, on the one DICOM "
-        "series under SERIES_DIR: MS vs cSVD probabilities, Grad-CAM overlays as a DICOM "
+        "series under SERIES_DIR: MS vs cSVD probabilities, overlays of an explanation map "
+        "(--explanation) as a DICOM "
         "Secondary Capture series (OUT_DIR/sc/IM0001.dcm ...), a Comprehensive SR "
         "(OUT_DIR/sr.dcm), a preview montage (OUT_DIR/preview.png) and OUT_DIR/result.json, "
         "which is also printed. Exit status: 0 done; 3 the series was refused (not one usable "
@@ -321,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--accept-non-flair", action="store_true",
                          help="research override: analyse a series no FLAIR rule matches "
                          "(also FLAIRCAD_ACCEPT_NON_FLAIR=1)")
+    analyze.add_argument("--explanation", choices=tuple(EXPLANATIONS), default=None,
+                         help="the map the overlays and the preview show: hirescam (HiResCAM), "
+                         "gradcam (Grad-CAM) or attention (the model's own attention) "
+                         f"(default: FLAIRCAD_EXPLANATION or {DEFAULT_EXPLANATION})")
     analyze.set_defaults(func=_analyze)
     return parser
 

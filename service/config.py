@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.destinations import AE_TITLE_PATTERN, Destination
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "flaircad-demo.onnx"
@@ -31,6 +32,12 @@ class Settings(BaseSettings):
         False,
         description="research override: run series that no FLAIR rule matches instead of "
         "refusing them (not_flair, HTTP 422)",
+    )
+    explanation: str = Field(
+        DEFAULT_EXPLANATION,
+        description="the map the overlays, the preview and the reports show: "
+        + ", ".join(f"{name} ({text})" for name, text in EXPLANATIONS.items())
+        + f"; default {DEFAULT_EXPLANATION}",
     )
     spool_dir: Path = Field(
         Path("var/flaircad"),
@@ -123,3 +130,12 @@ class Settings(BaseSettings):
         "closed")
     audit_log: Path | None = Field(
         None, description="the audit trail (JSON lines); default: audit.jsonl in the spool")
+
+    @field_validator("explanation", mode="before")
+    @classmethod
+    def _known_explanation(cls, value: object) -> str:
+        name = str(value).strip().lower()
+        if name not in EXPLANATIONS:
+            raise ValueError(f"FLAIRCAD_EXPLANATION must be one of {', '.join(EXPLANATIONS)}, "
+                             f"not {str(value)[:40]!r}")
+        return name

@@ -77,7 +77,8 @@ class EngineOutput:
 
 
 class Engine:
-    """Loads the model once; ``run`` is one onnxruntime call for probabilities and Grad-CAM."""
+    """Loads the model once; ``run`` is one onnxruntime call for the probabilities, the
+    explanation maps and the out-of-distribution score."""
 
     def __init__(self, model_path: Path, providers: list[str] | tuple[str, ...]):
         if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):

@@ -1,6 +1,10 @@
-"""Grad-CAM back on the source images: geometry, colour, banner, preview montage.
+"""An explanation map back on the source images: geometry, colour, banner, preview montage.
 
-The model sees a canonical (SPL) volume resized to its grid; its Grad-CAM comes on a coarser
+The map shown is the one ``FLAIRCAD_EXPLANATION`` chooses (:data:`service.contract.EXPLANATIONS`:
+HiResCAM by default, Grad-CAM, or the model's own attention); "CAM" below means that map. Every
+banner names it (:func:`explanation_label`).
+
+The model sees a canonical (SPL) volume resized to its grid; its maps come on a coarser
 grid (one cell per feature-map position, 16×16 per 256×256 slice for the demo model). To show it
 on the images the radiologist has, :func:`cam_to_source` interpolates the CAM linearly to the
 canonical volume's shape (cell centres where the area resize of preprocessing put them, i.e.
@@ -33,6 +37,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.preprocess import (
     PreparedVolume,
     area_matrix,
@@ -43,34 +48,58 @@ from service.preprocess import (
 from service.sanitize import clean_ascii
 
 RESEARCH_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+OUTSIDE_DISTRIBUTION_BANNER = "OUTSIDE THE TRAINING DISTRIBUTION"
+# How banners, SeriesDescriptions and reports name each map of service.contract.EXPLANATIONS
+EXPLANATION_LABELS: dict[str, str] = {
+    "hirescam": "HiResCAM",
+    "gradcam": "Grad-CAM",
+    "attention": "attention",
+}
 ALPHA_MAX = 0.5  # opacity of the colour map where the CAM is at its volume maximum
 WINDOW_PERCENTILES = (1.0, 99.5)  # grey window of the source volume
 PREVIEW_SLICES = 8
 PREVIEW_TILE = 256
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_WHITE = (255, 255, 255)
+_YELLOW = (255, 255, 0)
+_ORANGE = (255, 140, 0)
 
 FloatArray = npt.NDArray[np.float32]
 RGBImage = npt.NDArray[np.uint8]
 
 
+def explanation_label(name: str) -> str:
+    """The name a reader sees for the map ``name`` ("HiResCAM", "Grad-CAM", "attention")."""
+    if name not in EXPLANATIONS:
+        raise ValueError(f"unknown explanation map {name!r}; one of {sorted(EXPLANATIONS)}")
+    return EXPLANATION_LABELS.get(name, name)
+
+
 @dataclass(frozen=True)
 class Banner:
-    """What every overlay says about the result."""
+    """What every overlay says about the result: the map shown, the result, the model, and
+    (when the input is unlike the training data) that warning."""
 
     prediction: str
     probabilities: Mapping[str, float]
     model_name: str
     model_version: str
+    explanation: str = DEFAULT_EXPLANATION
+    in_distribution: bool = True
 
     def lines(self) -> list[str]:
         probabilities = "  ".join(
             f"P({clean_ascii(name, 16)})={p:.3f}" for name, p in self.probabilities.items()
         )
         return [
-            f"flaircad Grad-CAM: {clean_ascii(self.prediction, 32)}",
+            f"flaircad {explanation_label(self.explanation)}: {clean_ascii(self.prediction, 32)}",
             probabilities,
             f"{clean_ascii(self.model_name, 40)} {clean_ascii(self.model_version, 40)}",
         ]
+
+    def alerts(self) -> list[str]:
+        """Warnings drawn under the result lines, in orange."""
+        return [] if self.in_distribution else [OUTSIDE_DISTRIBUTION_BANNER]
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,8 +108,9 @@ class Banner:
 
 
 def cam_to_source(cam: npt.NDArray[np.floating], prepared: PreparedVolume) -> FloatArray:
-    """One item's Grad-CAM ``(S, h, w)`` on the source grid ``(slices, rows, columns)``;
-    negative values (none after Grad-CAM's ReLU, but a model may differ) become 0."""
+    """One item's map ``(S, h, w)`` on the source grid ``(slices, rows, columns)``;
+    negative values (none after the CAMs' ReLU or in attention, but a model may differ) become
+    0."""
     if cam.ndim != 3:
         raise ValueError(f"expected a (S, h, w) CAM, got shape {cam.shape}")
     positive = np.maximum(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0)
@@ -188,11 +218,13 @@ def burn_banner(image: RGBImage, banner: Banner) -> RGBImage:
     top, the notice at the bottom (in yellow), sized to the image width."""
     out = np.ascontiguousarray(image.copy())
     height, width = out.shape[:2]
-    lines = banner.lines()
-    scale = _fit_scale([*lines, RESEARCH_BANNER], width, max(0.35, width / 700.0))
-    _draw_lines(out, lines, 0, scale, (255, 255, 255))
+    lines, alerts = banner.lines(), banner.alerts()
+    scale = _fit_scale([*lines, *alerts, RESEARCH_BANNER], width, max(0.35, width / 700.0))
+    below = _draw_lines(out, lines, 0, scale, _WHITE)
+    if alerts:
+        _draw_lines(out, alerts, below, scale, _ORANGE)
     _, step = _line_step(scale)
-    _draw_lines(out, [RESEARCH_BANNER], max(0, height - step - 2), scale, (255, 255, 0))
+    _draw_lines(out, [RESEARCH_BANNER], max(0, height - step - 2), scale, _YELLOW)
     return out
 
 
@@ -233,15 +265,18 @@ def preview_png(images: Sequence[RGBImage], chosen: Sequence[int], captions: Seq
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
     caption_height = 22
-    header_lines = [*banner.lines(), RESEARCH_BANNER]
+    lines, alerts = banner.lines(), banner.alerts()
+    header_lines = [*lines, *alerts, RESEARCH_BANNER]
     header_scale = _fit_scale(header_lines, columns * tile, 0.6)
     _, step = _line_step(header_scale)
     header_height = step * len(header_lines) + 4
     canvas = np.zeros((header_height + rows * (tile + caption_height), columns * tile, 3),
                       dtype=np.uint8)
-    _draw_lines(canvas, header_lines[:-1], 0, header_scale, (255, 255, 255))
-    _draw_lines(canvas, header_lines[-1:], step * (len(header_lines) - 1), header_scale,
-                (255, 255, 0))
+    _draw_lines(canvas, lines, 0, header_scale, _WHITE)
+    if alerts:
+        _draw_lines(canvas, alerts, step * len(lines), header_scale, _ORANGE)
+    _draw_lines(canvas, [RESEARCH_BANNER], step * (len(header_lines) - 1), header_scale,
+                _YELLOW)
     for n, index in enumerate(chosen):
         row, column = divmod(n, columns)
         top = header_height + row * (tile + caption_height)
@@ -271,15 +306,17 @@ class Rendered:
 
 
 def render(volume: npt.NDArray[np.floating], prepared: PreparedVolume,
-           gradcam: npt.NDArray[np.floating], slice_weights: npt.NDArray[np.floating],
+           explanation: npt.NDArray[np.floating], slice_weights: npt.NDArray[np.floating],
            spatial_attention: npt.NDArray[np.floating], banner: Banner, *,
            display_order: Sequence[int], slice_labels: Sequence[str],
            pixel_spacing: tuple[float, float]) -> Rendered:
     """Overlays for every source slice and the preview of the most attended ones.
-    ``volume`` is the source array (slices, rows, columns); ``gradcam`` etc. one item of the
-    engine output; ``display_order`` lists source slice indices in reading order (InstanceNumber)
-    and ``slice_labels[k]`` names slice ``k`` in the preview."""
-    cam = normalise_volume(cam_to_source(gradcam, prepared))
+    ``volume`` is the source array (slices, rows, columns); ``explanation`` (the map shown,
+    ``banner.explanation`` names it), ``slice_weights`` and ``spatial_attention`` one item of
+    the engine output; ``display_order`` lists source slice indices in reading order
+    (InstanceNumber) and ``slice_labels[k]`` names slice ``k`` in the preview. The preview picks
+    its slices by the model's attention, whichever map is shown."""
+    cam = normalise_volume(cam_to_source(explanation, prepared))
     if cam.shape != volume.shape:
         raise ValueError(f"CAM mapped to {cam.shape}, source volume is {volume.shape}")
     weights = source_slice_weights(slice_weights, spatial_attention, prepared)

@@ -1,11 +1,13 @@
-"""Grad-CAM overlays as a DICOM Secondary Capture series in the source study (highdicom).
+"""Explanation-map overlays as a DICOM Secondary Capture series in the source study (highdicom).
 
 One RGB instance per source slice (a frame of a multi-frame source counts as a slice), with
 that slice's Rows and Columns, in the source's reading order (InstanceNumber 1..N). Patient
 and study attributes come from :func:`service.sanitize.reference_header`, never straight from
 the scanner header. Each instance says what it is and where it came from:
 
-* SeriesDescription, ImageComments and the burned-in banner: Grad-CAM, model, research use;
+* SeriesDescription, ImageComments and the burned-in banner: the map shown (HiResCAM, Grad-CAM
+  or attention, ``FLAIRCAD_EXPLANATION``), model, research use, and "OUTSIDE THE TRAINING
+  DISTRIBUTION" when the model's distribution check flagged the input;
 * SourceImageSequence: the source image (and frame), purpose "Source image for image
   processing operation" (DCM 121322);
 * DerivationDescription: how the overlay was made; BurnedInAnnotation YES (the banner);
@@ -17,8 +19,9 @@ the scanner header. Each instance says what it is and where it came from:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom
 import numpy as np
@@ -32,6 +35,8 @@ from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
+from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.overlay import OUTSIDE_DISTRIBUTION_BANNER, explanation_label
 from service.sanitize import OPTIONAL_PATIENT_STUDY, clean_text
 
 RESEARCH_STATEMENT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
@@ -91,8 +96,22 @@ def acquisition_equipment(header: Dataset) -> highdicom.ContributingEquipment | 
     )
 
 
-def series_description(prediction: str) -> str:
-    return clean_text(f"flaircad Grad-CAM {prediction} - RESEARCH ONLY", 64)
+def distribution_comment(distribution: Mapping[str, Any] | None) -> str:
+    """The distribution assessment as a sentence (with a leading space), "" without one."""
+    if not distribution:
+        return ""
+    score, threshold = distribution.get("score"), distribution.get("threshold")
+    measured = f" ({distribution.get('method', 'distance')} score {score}, threshold {threshold})"
+    if distribution.get("in_distribution", True):
+        return f" Within the training distribution{measured}."
+    return (f" {OUTSIDE_DISTRIBUTION_BANNER}{measured}: the input is unlike the data the model "
+            "was trained on, so its result and map are unreliable.")
+
+
+def series_description(prediction: str, explanation: str = DEFAULT_EXPLANATION) -> str:
+    """E.g. "flaircad HiResCAM MS - RESEARCH ONLY" (at most 64 characters)."""
+    label = explanation_label(explanation)
+    return clean_text(f"flaircad {label} {clean_text(prediction, 28)} - RESEARCH ONLY", 64)
 
 
 def build_secondary_captures(
@@ -107,23 +126,30 @@ def build_secondary_captures(
     pixel_spacing: tuple[float, float],
     orientation: tuple[str, str],
     series_instance_uid: str | None = None,
+    explanation: str = DEFAULT_EXPLANATION,
+    distribution: Mapping[str, Any] | None = None,
 ) -> list[Dataset]:
     """One SC instance per image, ``images[i]`` derived from ``sources[i]``; InstanceNumber
-    i + 1. ``header`` is a :func:`service.sanitize.reference_header` dataset."""
+    i + 1. ``header`` is a :func:`service.sanitize.reference_header` dataset. ``explanation``
+    names the map the images show; ``distribution`` is the model's distribution assessment
+    (:meth:`service.contract.DistributionCheck.assess`), stated in ImageComments."""
     if len(images) != len(sources) or not images:
         raise ValueError(f"{len(images)} images for {len(sources)} source images")
+    label = explanation_label(explanation)
     series_uid = series_instance_uid or highdicom.UID()
     equipment = [e for e in (acquisition_equipment(header),
-                             processing_equipment(model, "Grad-CAM overlay")) if e is not None]
-    description = series_description(prediction)
+                             processing_equipment(model, f"{label} overlay")) if e is not None]
+    description = series_description(prediction, explanation)
     derivation = clean_text(
-        f"Grad-CAM of {model.name} {model.version} for the predicted class {prediction}, "
-        "mapped from the model grid back to this source image, normalised over the whole "
-        "series, JET colour map alpha-blended over the windowed source image; result banner "
-        f"burned in. {RESEARCH_STATEMENT}.", 1024, multiline=True)
+        f"{label} overlay: {EXPLANATIONS[explanation]} ({model.name} {model.version}, "
+        f"predicted class {prediction}), mapped from the model grid back to this source "
+        "image, normalised over the whole series, JET colour map alpha-blended over the "
+        f"windowed source image; result banner burned in. {RESEARCH_STATEMENT}.", 1024,
+        multiline=True)
     comments = clean_text(
-        f"{RESEARCH_STATEMENT}. flaircad {model.name} {model.version}: predicted "
-        f"{prediction} ({probabilities_text}).", 10240, multiline=True)
+        f"{RESEARCH_STATEMENT}.{distribution_comment(distribution)} flaircad {model.name} "
+        f"{model.version}: predicted {prediction} ({probabilities_text}); overlay: {label}.",
+        10240, multiline=True)
     now = datetime.datetime.now()
     instances: list[Dataset] = []
     template: Dataset | None = None

@@ -382,7 +382,8 @@ class Scheduler:
         try:
             analysis = self._analyse(job.files, self.engine, rules=self._rules,
                                      accept_non_flair=self.settings.accept_non_flair,
-                                     limits=self._limits)
+                                     limits=self._limits,
+                                     explanation=self.settings.explanation)
             # Written aside and renamed into place, then marked done: a crash at any point
             # leaves no half result visible, and the analysis runs again after the restart.
             staging = self.spool.staging_folder(record.id)

@@ -8,10 +8,15 @@ Content tree::
       Imaging Measurements
         Measurement group (TID 1501)
           Tracking identifier: "MS vs cSVD classification (flaircad) - RESEARCH USE ONLY ..."
-          Algorithm identification: model name, version, parameters
+          Algorithm identification: model name, version, parameters (target_class=predicted,
+            explanation_map=<hirescam|gradcam|attention>, explanation_normalisation=volume,
+            calibration_temperature=<T>, ood_method=<method>, ood_threshold=<threshold>)
           Finding site: Brain (SCT 12738006)
           Measurements: Probability of <class> = p, unit UCUM "1" (one per class, metadata order)
-          Qualitative evaluation: Predicted class (research model) = <class concept>
+                        Out-of-distribution score (model output) = s, unit UCUM "1"
+          Qualitative evaluations: Predicted class (research model) = <class concept>
+                                   Training distribution assessment = Within / Outside
+                                     training distribution (s <= threshold: within)
 
 Codes for the classes. "MS" is SNOMED CT 24700007 *Multiple sclerosis*. We could not confirm a
 SNOMED CT concept for cerebral small vessel disease as a whole (SNOMED has specific ones, e.g.
@@ -19,7 +24,9 @@ genetic forms, not one we could verify for the umbrella term), so "cSVD" and any
 future model may name are coded in the private scheme ``99FLAIRCAD``, declared in the SR's
 Coding Scheme Identification Sequence. The probability measurements and the "predicted class"
 concept are private for the same reason: no standard concept says "probability of this class
-according to a research model".
+according to a research model". So are the out-of-distribution score and the training
+distribution assessment (the model's Mahalanobis check of how far the input lies from its
+training data, threshold calibrated on validation data: a warning, not a finding).
 
 Evidence: every source instance and every Secondary Capture instance, listed in the Current
 Requested Procedure Evidence Sequence (all are in the source study). The research-use statement
@@ -32,6 +39,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom
 import highdicom.sr as hsr
@@ -40,6 +48,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.sanitize import clean_ascii, clean_text
 from service.sc import RESEARCH_STATEMENT, SOFTWARE, ModelIdentity, processing_equipment
 
@@ -56,6 +65,13 @@ KNOWN_CLASSES: Mapping[str, hsr.CodedConcept] = {
 }
 PREDICTED_CLASS = hsr.CodedConcept("PREDICTEDCLASS", PRIVATE_SCHEME,
                                    "Predicted class (research model)")
+DISTRIBUTION_ASSESSMENT = hsr.CodedConcept("TRAINDIST", PRIVATE_SCHEME,
+                                           "Training distribution assessment")
+WITHIN_DISTRIBUTION = hsr.CodedConcept("INDIST", PRIVATE_SCHEME, "Within training distribution")
+OUTSIDE_DISTRIBUTION = hsr.CodedConcept("OUTDIST", PRIVATE_SCHEME,
+                                        "Outside training distribution")
+OOD_SCORE = hsr.CodedConcept("OODSCORE", PRIVATE_SCHEME,
+                             "Out-of-distribution score (model output)")
 PROCEDURE_REPORTED = hsr.CodedConcept("24590-2", "LN", "Brain MRI")
 NO_UNITS = hsr.CodedConcept("1", "UCUM", "no units")
 
@@ -107,19 +123,46 @@ def build_report(
     probabilities: Mapping[str, float],
     series_number: int,
     series_instance_uid: str | None = None,
+    explanation: str = DEFAULT_EXPLANATION,
+    distribution: Mapping[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> hsr.ComprehensiveSR:
     """The Comprehensive SR of one result. ``header`` is a
     :func:`service.sanitize.reference_header` dataset: the report copies its patient and study
-    attributes from there, never from the raw source."""
+    attributes from there, never from the raw source. ``explanation`` names the map of the
+    Secondary Captures; ``distribution`` is the model's distribution assessment
+    (:meth:`service.contract.DistributionCheck.assess`), reported as a coded evaluation with its
+    score; ``temperature`` the calibration temperature (an algorithm parameter)."""
     if not sources:
         raise ValueError("a report needs its source images")
+    if explanation not in EXPLANATIONS:
+        raise ValueError(f"unknown explanation map {explanation!r}")
     model_name = clean_text(model.name, 64) or "unnamed model"
     model_version = clean_text(model.version, 64) or "unknown"
+    parameters = ["target_class=predicted", f"explanation_map={explanation}",
+                  "explanation_normalisation=volume"]
+    if temperature is not None:
+        parameters.append(f"calibration_temperature={float(temperature):.4g}")
+    if distribution:
+        parameters += [f"ood_method={clean_ascii(str(distribution['method']), 48)}",
+                       f"ood_threshold={float(distribution['threshold']):.6g}"]
     algorithm = hsr.AlgorithmIdentification(
-        name=model_name, version=model_version,
-        parameters=["target_class=predicted", "gradcam_normalisation=volume"],
-        manufacturer=SOFTWARE,
+        name=model_name, version=model_version, parameters=parameters, manufacturer=SOFTWARE,
     )
+    measurements = [
+        hsr.Measurement(name=probability_concept(name), value=float(p), unit=NO_UNITS,
+                        algorithm_id=algorithm)
+        for name, p in probabilities.items()
+    ]
+    evaluations = [hsr.QualitativeEvaluation(name=PREDICTED_CLASS,
+                                             value=class_concept(prediction))]
+    if distribution:
+        measurements.append(hsr.Measurement(name=OOD_SCORE, value=float(distribution["score"]),
+                                            unit=NO_UNITS, algorithm_id=algorithm))
+        evaluations.append(hsr.QualitativeEvaluation(
+            name=DISTRIBUTION_ASSESSMENT,
+            value=WITHIN_DISTRIBUTION if distribution["in_distribution"]
+            else OUTSIDE_DISTRIBUTION))
     device = hsr.DeviceObserverIdentifyingAttributes(
         # one observer UID per model version: the same device for every report it writes
         uid=generate_uid(entropy_srcs=[SOFTWARE, model_name, model_version]),
@@ -139,14 +182,8 @@ def build_report(
         ),
         algorithm_id=algorithm,
         finding_sites=[hsr.FindingSite(anatomic_location=codes.SCT.Brain)],
-        measurements=[
-            hsr.Measurement(name=probability_concept(name), value=float(p), unit=NO_UNITS,
-                            algorithm_id=algorithm)
-            for name, p in probabilities.items()
-        ],
-        qualitative_evaluations=[
-            hsr.QualitativeEvaluation(name=PREDICTED_CLASS, value=class_concept(prediction)),
-        ],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
     )
     report = hsr.MeasurementReport(
         observation_context=context,

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from model_export import seeds
 from model_export.metrics import cam_peak_hits
 from model_export.phantoms import generate_phantom
 from service.analysis import AnalysisRejected, analyse
@@ -141,14 +142,23 @@ def test_flaircad_analyze_refusals_and_usage(phantom_series: PhantomFactory, tmp
 # Where the bundled model looks
 # --------------------------------------------------------------------------------------------
 
-SEEDS = (1, 2, 3)
+# Held-out phantoms: seeds no training, pretraining, export check or evaluation cohort uses.
+SEEDS = tuple(seeds.held_out_test_seed(i) for i in range(4))
 CAM_RADIUS_PX = 8  # as the model card's localisation score (model_export.train)
-# Measured with the bundled demo model (flaircad-demo 0.1.0+5daa322d099b) on these seeds, on
-# the source grid: cSVD 13 of 24 lesion slices (0.54), MS 0 of 31 (0.0). The model-grid
-# protocol of model_export.train gives the same counts. Its MS Grad-CAM peaks at the image
-# border, not on lesions (the model card's 24.7 % mixes both classes). The floors are what
-# this model achieves; raise them when a better model is bundled.
-FLOOR = {"cSVD": 0.5, "MS": 0.0}
+# Floors of the HiResCAM pointing rate (the service's default map) on these seeds, on the
+# source grid, set a little under what the bundled model measures (FLOOR_MEASURED); raise
+# them when a better model is bundled.
+# Measured (flaircad-demo 0.1.0+10172121933f): HiResCAM cSVD 30 of 34 lesion slices (0.88),
+# MS 19 of 31 (0.61); Grad-CAM on the same slices cSVD 19 (0.56), MS 1 (0.03). The issue's
+# target is 0.85 for each class: MS misses it with this network.
+FLOOR_MEASURED = {"cSVD": 30 / 34, "MS": 19 / 31}
+FLOOR = {"cSVD": 0.8, "MS": 0.55}
+
+
+def test_bundled_model_tests_use_only_held_out_seeds(engine: Engine) -> None:
+    seeds.assert_disjoint(SEEDS, "held_out_tests")
+    seen = {name: range(*span) for name, span in engine.info.training_summary["seeds"].items()}
+    seeds.assert_disjoint(SEEDS, "held_out_tests", seen=seen)
 
 
 def _mask_on_source_grid(label: str, seed: int, affine_lps: np.ndarray,
@@ -167,35 +177,36 @@ def _mask_on_source_grid(label: str, seed: int, affine_lps: np.ndarray,
 
 
 @pytest.fixture(scope="module")
-def cam_hits(phantom_series: PhantomFactory, engine: Engine) -> dict[str, tuple[int, int]]:
-    """Per class: (lesion slices whose CAM peak lies in the dilated lesion mask, lesion slices),
-    over axial DICOM phantoms, with the CAM mapped back to the source slices."""
-    counts = {}
+def cam_hits(phantom_series: PhantomFactory, engine: Engine
+             ) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per map and class: (lesion slices whose map peak lies in the dilated lesion mask, lesion
+    slices), over axial DICOM phantoms, with the map brought back to the source slices."""
+    counts: dict[str, dict[str, tuple[int, int]]] = {m: {} for m in ("hirescam", "gradcam")}
     for label in ("cSVD", "MS"):
-        hits = total = 0
+        hits = dict.fromkeys(counts, 0)
+        total = 0
         for seed in SEEDS:
             volume = load_series_volume(phantom_series(label=label, seed=seed))
             prepared = preprocess(volume.array, volume.affine_lps, engine.info.preprocessing)
             output = engine.run(prepared.model_input[None])
-            cam = cam_to_source(output.gradcam[0], prepared)
             mask = _mask_on_source_grid(label, seed, volume.affine_lps, volume.array.shape)
-            h, n = cam_peak_hits(cam, mask, CAM_RADIUS_PX)
-            hits, total = hits + h, total + n
-        counts[label] = (hits, total)
+            for name in counts:
+                cam = cam_to_source(output.explanation(name)[0], prepared)
+                h, n = cam_peak_hits(cam, mask, CAM_RADIUS_PX)
+                hits[name] += h
+            total += n
+        for name in counts:
+            counts[name][label] = (hits[name], total)
     return counts
 
 
-def test_bundled_model_cam_peaks_in_lesions(cam_hits: dict[str, tuple[int, int]]) -> None:
-    rates = {label: hits / total for label, (hits, total) in cam_hits.items()}
-    print(f"CAM peak in the dilated lesion mask: {cam_hits}")
-    assert all(total >= 20 for _, total in cam_hits.values())
+def test_bundled_model_hirescam_peaks_in_lesions_for_each_class(
+        cam_hits: dict[str, dict[str, tuple[int, int]]]) -> None:
+    rates = {label: hits / total for label, (hits, total) in cam_hits["hirescam"].items()}
+    print(f"map peak in the dilated lesion mask: {cam_hits}")
+    assert all(total >= 20 for _, total in cam_hits["hirescam"].values())
     for label, floor in FLOOR.items():
         assert rates[label] >= floor, rates
-
-
-@pytest.mark.xfail(strict=True, reason="the bundled demo model's MS Grad-CAM peaks at the image "
-                   "border (0 of 31 lesion slices); the issue asks for most lesion slices")
-def test_bundled_model_cam_peaks_in_ms_lesions_on_most_slices(
-        cam_hits: dict[str, tuple[int, int]]) -> None:
-    hits, total = cam_hits["MS"]
-    assert hits / total > 0.5
+    # HiResCAM is the faithful map of this head: it beats Grad-CAM on each class
+    for label, (hits, _) in cam_hits["gradcam"].items():
+        assert cam_hits["hirescam"][label][0] > hits

@@ -120,6 +120,12 @@ def test_dicomweb_client_store_instances_then_analysed(server: Server,
     assert abs(sum(analysis["slice_weights"]) - 1) < 1e-4
     assert analysis["model"]["provider"].endswith("ExecutionProvider")
     assert analysis["series_instance_uid"] == datasets[0].SeriesInstanceUID
+    # the map shown (FLAIRCAD_EXPLANATION, default HiResCAM), the distribution check, the
+    # calibration temperature, from the bundled model's metadata
+    assert analysis["explanation"]["map"] == "hirescam"
+    assert set(analysis["distribution"]) == {"in_distribution", "score", "threshold", "method",
+                                             "statement"}
+    assert analysis["calibration"]["temperature"] > 0
 
     # A re-sent identical series is acknowledged, and not analysed a second time.
     again = client.store_instances(datasets[:3])
@@ -316,6 +322,9 @@ def test_unknown_analysis_and_model_description(server: Server) -> None:
     assert model["classes"] == ["MS", "cSVD"]
     assert model["provider"] in model["providers"]
     assert "research" in model["intended_use"].lower()
+    assert model["explanation"]["map"] == server.settings.explanation == "hirescam"
+    assert model["calibration"]["temperature"] > 0
+    assert {"method", "threshold"} <= set(model["out_of_distribution"])
     scrape = httpx.get(server.url + "/metrics")
     assert scrape.status_code == 200
     assert "flaircad_model_info{" in scrape.text

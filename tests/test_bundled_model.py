@@ -43,6 +43,14 @@ def test_bundled_metadata_parses(engine: Engine) -> None:
     assert summary["test"]["auc"] >= 0.5 and "balanced_accuracy_chance_adjusted" in summary["test"]
     assert summary["split"].endswith("by patient, 60/20/20")
     assert len(info.source_checkpoint_sha256) == 64
+    # whether air is 0 for the network (no frame from the convolutions' zero padding) is
+    # stated, not assumed: the bundled network is a recalibrated format-1 one (offset 0.5)
+    assert info.preprocessing.background == 0.0
+    frame = info.architecture["input_offset"] != info.preprocessing.background
+    assert info.architecture["padding_frame"] is frame
+    assert 0.05 < info.calibration.temperature < 20 and "validation" in info.calibration.fitted_on
+    assert info.distribution.method == "mahalanobis" and info.distribution.threshold > 0
+    assert set(summary["seeds"]) >= {"classifier", "pretrain", "export_check"}
 
 
 def test_bundled_model_runs_and_is_dynamic_in_batch_and_slices(engine: Engine) -> None:
@@ -60,9 +68,14 @@ def test_bundled_model_matches_its_checkpoint_within_the_parity_bounds() -> None
     meta = {p.key: p.value for p in onnx.load(str(BUNDLED_MODEL)).metadata_props}
     assert hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() == meta["source_checkpoint_sha256"]
     checkpoint = load_checkpoint(CHECKPOINT)
-    report = verify(BUNDLED_MODEL, checkpoint.model, checkpoint.preprocessing)
-    assert all(r["probabilities_max_abs_diff"] <= 1e-5 for r in report)
-    assert all(r["gradcam_correlation"] >= 0.9999 for r in report)
+    report = verify(BUNDLED_MODEL, checkpoint.explained, checkpoint.preprocessing)
+    for r in report:  # every exported map, against autograd
+        assert r["probabilities_max_abs_diff"] <= 1e-5
+        assert r["spatial_attention_max_abs_diff"] <= 1e-5
+        assert r["slice_weights_max_abs_diff"] <= 1e-5
+        assert r["ood_score_max_rel_diff"] <= 1e-4
+        assert r["gradcam_correlation"] >= 0.9999
+        assert r["hirescam_correlation"] >= 0.9999
     assert json.loads(meta["training_summary"]) == checkpoint.training_summary
 
 

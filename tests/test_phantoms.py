@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +17,20 @@ from model_export.phantoms import (
     CLASS_NAMES,
     COMPRESSIONS,
     PhantomVolume,
+    SeriesTruth,
+    Shift,
     _noise_rng,
+    _render,
     generate_phantom,
     lesion_slices,
     make_anatomy,
     render,
+    series_truth,
     write_dicom_series,
+    write_lesion_seg,
 )
 from service.preprocess import reorient_to_canonical
+from tests.conftest import require
 
 # A coarse grid keeps the population tests fast: 1.875 mm in-plane, 3 mm slices.
 COARSE = {"matrix": 128, "pixel_mm": 1.875, "slices": 40, "slice_thickness_mm": 3.0}
@@ -382,3 +390,480 @@ def test_writing_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
     other = read(write_dicom_series("cSVD", 10, tmp_path / "c", slices=3))
     assert other[0].StudyInstanceUID != pydicom.dcmread(first[0]).StudyInstanceUID
     assert first[0].read_bytes() != (tmp_path / "c" / "IM0001.dcm").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution shifts
+# --------------------------------------------------------------------------------------------
+
+# a small axial grid for the shift tests: 1.875 mm in-plane, 12 slices of 5 mm
+SMALL = {"matrix": 128, "pixel_mm": 1.875, "slices": 12, "slice_thickness_mm": 5.0}
+
+
+def dilate(mask: np.ndarray, steps: int = 1, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+    """Binary dilation by a 3x3x3 cube (a 3x3 square for ``axes=(1, 2)``), ``steps`` times."""
+    out = mask.copy()
+    for _ in range(steps):
+        for axis in axes:
+            grown = out.copy()
+            lo = [slice(None)] * out.ndim
+            hi = [slice(None)] * out.ndim
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            grown[tuple(lo)] |= out[tuple(hi)]
+            grown[tuple(hi)] |= out[tuple(lo)]
+            out = grown
+    return out
+
+
+def is_one_component(mask: np.ndarray) -> bool:
+    """Whether the True voxels form one 6-connected component."""
+    region = np.zeros_like(mask)
+    region[tuple(np.argwhere(mask)[0])] = True
+    while True:
+        grown = region.copy()
+        for axis in range(mask.ndim):
+            grown |= np.roll(region, 1, axis) | np.roll(region, -1, axis)
+        grown &= mask
+        if np.array_equal(grown, region):
+            return bool(np.array_equal(region, mask))
+        region = grown
+
+
+def tissue_mask(anatomy: object, p: PhantomVolume, value: float) -> np.ndarray:
+    """Voxels of ``p`` whose lesion-free, noiseless rendering has exactly one tissue's value."""
+    assert isinstance(anatomy, type(make_anatomy("MS", 0)))
+    clean, _ = render(replace(anatomy, lesions=(), bands=()), grid_points(p.affine,
+                      p.volume.shape), None)
+    target = value * anatomy.contrast.gain
+    return np.asarray(np.abs(clean - target) < 0.005 * target)
+
+
+def assert_same_head_except_lesions(p: PhantomVolume, base: PhantomVolume,
+                                    fraction: float = 0.1) -> np.ndarray:
+    """``p`` and ``base`` differ only in the brain (lesions are painted into it, with a
+    partial-volume edge), there in at most ``fraction`` of it; returns where they differ."""
+    assert base.brain_mask is not None
+    np.testing.assert_array_equal(p.brain_mask, base.brain_mask)  # type: ignore[arg-type]
+    changed = np.asarray(p.volume != base.volume)
+    assert not (changed & ~dilate(base.brain_mask, 1)).any()
+    assert changed.sum() < fraction * base.brain_mask.sum()
+    return changed
+
+
+def test_default_shift_changes_nothing(tmp_path: Path) -> None:
+    assert Shift() == Shift(1, 1, "flair", "default") and Shift().is_default
+    assert not Shift(noise_scale=2).is_default and Shift(noise_scale=2) == Shift(2.0)
+    for label in CLASS_NAMES:
+        plain = generate_phantom(label, 4, **SMALL)
+        for shift in (None, Shift()):
+            p = generate_phantom(label, 4, **SMALL, shift=shift)
+            for name in ("volume", "lesion_mask", "lesion_sites", "brain_mask", "affine"):
+                np.testing.assert_array_equal(getattr(p, name), getattr(plain, name))
+    a, b = make_anatomy("cSVD", 4), make_anatomy("cSVD", 4, Shift())
+    assert a.contrast == b.contrast and a.noise_sigma == b.noise_sigma
+    assert len(a.lesions) == len(b.lesions) and a.bands == b.bands
+    first = write_dicom_series("MS", 4, tmp_path / "a", slices=2)
+    second = write_dicom_series("MS", 4, tmp_path / "b", slices=2, shift=Shift(),
+                                matrix=256, pixel_mm=0.9375, slice_thickness_mm=5.0)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_shift_arguments_are_checked(tmp_path: Path) -> None:
+    for bad in ({"noise_scale": 0.0}, {"fat_scale": -1.0}, {"noise_scale": math.nan},
+                {"contrast": "t2"}, {"lesions": "many"}):
+        with pytest.raises(ValueError):
+            Shift(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="axial"):
+        write_dicom_series("MS", 1, tmp_path, variant="sagittal", slices=2, matrix=128)
+    with pytest.raises(ValueError, match="axial"):
+        series_truth("MS", 1, variant="oblique", slices=2, pixel_mm=1.0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_noise_shift_scales_the_noise() -> None:
+    base = generate_phantom("MS", 2, **SMALL)
+    noisy = generate_phantom("MS", 2, **SMALL, shift=Shift(noise_scale=2.0))
+    assert make_anatomy("MS", 2, Shift(noise_scale=2.0)).noise_sigma == pytest.approx(
+        2.0 * make_anatomy("MS", 2).noise_sigma)
+    np.testing.assert_array_equal(noisy.lesion_mask, base.lesion_mask)
+    air = ~dilate(base.volume > 100.0, 2)  # far from the head: Rician noise only
+    assert air.sum() > 10_000
+    assert float(noisy.volume[air].mean()) == pytest.approx(2.0 * float(base.volume[air].mean()),
+                                                            rel=1e-3)
+    brain = base.brain_mask
+    assert brain is not None
+    assert float(np.std(noisy.volume[brain] - base.volume[brain])) > 5.0
+
+
+def test_fat_shift_brightens_fat_only() -> None:
+    anatomy = make_anatomy("cSVD", 6)
+    shifted = make_anatomy("cSVD", 6, Shift(fat_scale=1.25))
+    assert shifted.contrast.fat == pytest.approx(1.25 * anatomy.contrast.fat)
+    assert replace(shifted.contrast, fat=anatomy.contrast.fat) == anatomy.contrast
+    base = generate_phantom("cSVD", 6, **SMALL)
+    bright = generate_phantom("cSVD", 6, **SMALL, shift=Shift(fat_scale=1.25))
+    fat = tissue_mask(anatomy, base, anatomy.contrast.fat)
+    assert fat.sum() > 500
+    ratio = float(bright.volume[fat].mean()) / float(base.volume[fat].mean())
+    assert 1.2 < ratio < 1.3
+    assert base.brain_mask is not None
+    np.testing.assert_array_equal(bright.volume[base.brain_mask], base.volume[base.brain_mask])
+    np.testing.assert_array_equal(bright.lesion_mask, base.lesion_mask)
+
+
+@pytest.mark.parametrize("label", CLASS_NAMES)
+def test_t1_contrast(label: str) -> None:
+    anatomy = make_anatomy(label, 1, Shift(contrast="t1"))
+    c = anatomy.contrast
+    assert c.wm > c.deep_gm > c.gm > c.lesion > c.csf and c.fat > c.wm and c.diploe > c.gm
+    assert make_anatomy(label, 1).contrast.gain == c.gain  # the same scanner
+    p = generate_phantom(label, 1, **SMALL, shift=Shift(contrast="t1"))
+    wm, gm = tissue_mask(anatomy, p, c.wm), tissue_mask(anatomy, p, c.gm)
+    assert wm.sum() > 5_000 and gm.sum() > 2_000
+    wm_mean = float(p.volume[wm & ~p.lesion_mask].mean())
+    assert wm_mean > 1.25 * float(p.volume[gm].mean())
+    # lesions are hypointense; the lesion mask is (nearly) the FLAIR one
+    assert float(p.volume[p.lesion_mask].mean()) < 0.8 * wm_mean
+    flair = generate_phantom(label, 1, **SMALL)
+    overlap = (flair.lesion_mask & p.lesion_mask).sum() / (flair.lesion_mask | p.lesion_mask).sum()
+    assert overlap > 0.9
+    # the ventricles are dark and the scalp fat bright
+    v = anatomy.ventricles
+    image, _ = render(anatomy, anatomy.to_lps([[s * v.x0, v.y0, v.z0] for s in (1, -1)]), None)
+    assert (image < 0.2 * c.wm * c.gain).all()
+    fat = tissue_mask(anatomy, p, c.fat)
+    assert fat.sum() > 500 and float(p.volume[fat].mean()) > wm_mean
+
+
+@pytest.mark.parametrize("label", CLASS_NAMES)
+def test_lesion_free_shift(label: str) -> None:
+    anatomy = make_anatomy(label, 3, Shift(lesions="none"))
+    assert anatomy.lesions == () and anatomy.bands == () and anatomy.load_target_ml == 0.0
+    p = generate_phantom(label, 3, **SMALL, shift=Shift(lesions="none"))
+    assert not p.lesion_mask.any() and not p.lesion_sites.any()  # type: ignore[union-attr]
+    # the same head, the same noise: only where the default phantom has lesions it differs
+    base = generate_phantom(label, 3, **SMALL)
+    assert base.lesion_mask.any()
+    assert_same_head_except_lesions(p, base)
+
+
+@pytest.mark.parametrize(("label", "seed"), [("MS", 0), ("cSVD", 5), ("MS", 9)])
+def test_mass_shift(label: str, seed: int) -> None:
+    shift = Shift(lesions="mass")
+    anatomy = make_anatomy(label, seed, shift)
+    assert len(anatomy.lesions) == 1 and anatomy.bands == ()
+    mass = anatomy.lesions[0]
+    assert mass.kind == "mass" and mass.rim_mm > 3.0
+    nominal = float(np.prod(mass.radii + mass.rim_mm)) ** (1 / 3)
+    assert 18.0 <= nominal <= 36.0
+    # its own random stream: the head and contrast are the default draw's
+    default = make_anatomy(label, seed)
+    assert anatomy.contrast == default.contrast and anatomy.noise_sigma == default.noise_sigma
+    np.testing.assert_array_equal(anatomy.rotation, default.rotation)
+
+    grid = {"matrix": 128, "pixel_mm": 1.875, "slices": 36, "slice_thickness_mm": 4.0}
+    p = generate_phantom(label, seed, **grid, shift=shift)
+    mask = p.lesion_mask
+    volume_ml = float(mask.sum()) * 1.875 * 1.875 * 4.0 / 1000.0
+    radius = (volume_ml * 1000.0 * 3.0 / (4.0 * math.pi)) ** (1 / 3)
+    assert 15.0 <= radius <= 36.0, radius
+    assert is_one_component(mask)
+    assert p.brain_mask is not None and not (mask & ~p.brain_mask).any()
+    # in one hemisphere (head frame x: left positive)
+    local = anatomy.to_local(grid_points(p.affine, mask.shape)[mask])
+    assert (local[:, 0] > 0).all() or (local[:, 0] < 0).all()
+    # hyperintense, core and oedema alike, against normal white matter
+    wm = tissue_mask(anatomy, p, anatomy.contrast.wm) & ~dilate(mask, 2)
+    wm_mean = float(p.volume[wm].mean())
+    rim = mask & ~np.roll(mask, 3, axis=2)  # a shell on one side
+    assert float(p.volume[mask].mean()) > 1.4 * wm_mean
+    assert float(p.volume[rim].mean()) > 1.4 * wm_mean
+    # elsewhere the image is the default phantom's (the same head, the same noise)
+    base = generate_phantom(label, seed, **grid)
+    changed = assert_same_head_except_lesions(p, base, fraction=0.3)
+    assert (changed & ~dilate(mask | base.lesion_mask, 2)).sum() <= 0.05 * changed.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Brain mask and series truth
+# --------------------------------------------------------------------------------------------
+
+
+def test_brain_mask_is_the_intracranial_brain() -> None:
+    grid = {"matrix": 128, "pixel_mm": 1.875, "slices": 40, "slice_thickness_mm": 4.0}
+    for label, seed in (("MS", 2), ("cSVD", 7)):
+        p = generate_phantom(label, seed, **grid)
+        anatomy = make_anatomy(label, seed)
+        c = anatomy.contrast
+        brain = p.brain_mask
+        assert brain is not None and brain.dtype == bool and brain.shape == p.volume.shape
+        # the whole brain is in the slab: a brain's volume, and none at the slab's ends
+        ml = float(brain.sum()) * 1.875 * 1.875 * 4.0 / 1000.0
+        assert 900.0 < ml < 1900.0, ml
+        assert not brain[0].any() and not brain[-1].any()
+        assert not (p.lesion_mask & ~brain).any()  # lesions lie in it
+        # the lateral ventricles are inside; fat and muscle of the scalp are not; nor air
+        local = anatomy.to_local(grid_points(p.affine, p.volume.shape)).astype(np.float32)
+        walls = [anatomy.ventricles.frame(side, local[..., 0], local[..., 1], local[..., 2])[0]
+                 for side in (1, -1)]
+        ventricle = np.minimum(*walls) < -0.5
+        assert ventricle.sum() > 200 and brain[ventricle].all()
+        fat = tissue_mask(anatomy, p, c.fat)
+        assert fat.sum() > 500 and not brain[fat].any()
+        clean, _ = render(anatomy, grid_points(p.affine, p.volume.shape), None)
+        head = clean > 0.5 * c.muscle * c.gain
+        air = np.zeros_like(head)  # what of ~head each slice's border reaches
+        air[:, [0, -1], :] = air[:, :, [0, -1]] = True
+        air &= ~head
+        while not np.array_equal(grown := dilate(air, 1, axes=(1, 2)) & ~head, air):
+            air = grown
+        scalp = ~air & dilate(air, 3, axes=(1, 2))  # the outer 5.6 mm of the head
+        assert scalp.sum() > 5000 and not brain[scalp].any()
+        assert not brain[:, :5, :].any() and not brain[:, :, :5].any()
+        # the whole of the brain: cerebrum, cerebellum, brainstem, deep structures
+        names = ["cerebellum", "vermis", "brainstem", "thalamus", "lentiform", "third", "fourth"]
+        centres = [anatomy.structure(n)[0] for n in names]
+        v = anatomy.ventricles
+        centres += [[s * v.x0, v.y0, v.z0] for s in (1, -1)]
+        _, _, _, inside = _render(anatomy, anatomy.to_lps(centres), None, brain=True)
+        assert inside is not None and inside.all()
+        # along a line up from the centre: brain, then (further out) the scalp, then air
+        up = anatomy.to_lps(np.outer(np.arange(0.0, 110.0, 0.5), [0.0, 0.0, 1.0]))
+        image, _, _, line = _render(anatomy, up, None, brain=True)
+        assert line is not None
+        last = int(np.flatnonzero(line).max())
+        assert line[: last + 1].all()
+        fat = np.flatnonzero(np.abs(image - c.fat * c.gain) < 0.05 * c.fat * c.gain)
+        assert fat.size and fat.min() > last + 4  # CSF, skull and muscle lie between
+        assert image[-1] < 1.0 and not line[-1]
+
+
+def test_masks_come_from_the_one_rendering_pass(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """The brain mask and the series truth do not render the phantom a second time."""
+    import model_export.phantoms as phantoms
+
+    calls = []
+    paint = phantoms._paint_anatomy
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return paint(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(phantoms, "_paint_anatomy", counting)
+    anatomy = make_anatomy("MS", 3)
+    p = generate_phantom("MS", 3, slices=6)
+    once = len(calls)
+    assert once >= 1 and p.brain_mask is not None
+    calls.clear()
+    render(anatomy, grid_points(p.affine, p.volume.shape), None)
+    assert len(calls) == once  # the same number of chunks: one pass
+    calls.clear()
+    _, truth = write_dicom_series("MS", 3, tmp_path, slices=6, truth=True)
+    assert len(calls) == once
+    np.testing.assert_array_equal(truth.brain_mask, p.brain_mask)
+
+
+def assert_truth_matches_headers(truth: SeriesTruth, paths: list[Path]) -> None:
+    datasets = read(paths)
+    assert truth.shape == (len(paths), datasets[0].Rows, datasets[0].Columns)
+    for k, (path, ds) in enumerate(zip(paths, datasets, strict=True)):
+        assert path.name == f"IM{k + 1:04d}.dcm" and ds.InstanceNumber == k + 1
+        assert ds.SeriesInstanceUID == truth.series_instance_uid
+        np.testing.assert_array_equal([float(v) for v in ds.ImagePositionPatient],
+                                      truth.positions_lps[k])
+        assert ds.pixel_array.shape == truth.shape[1:]
+    assert tuple(float(v) for v in datasets[0].PixelSpacing) == truth.pixel_spacing_mm
+    np.testing.assert_array_equal([float(v) for v in datasets[0].ImageOrientationPatient],
+                                  np.r_[truth.row_dir, truth.col_dir])
+    assert float(datasets[0].SliceThickness) == truth.slice_thickness_mm
+    np.testing.assert_array_equal(truth.points(), dicom_points(datasets))
+
+
+def test_series_truth_agrees_with_the_axial_phantom(tmp_path: Path) -> None:
+    for kwargs in ({"slices": 6}, {"slices": 3, "matrix": 288, "pixel_mm": 230 / 288},
+                   {"slices": 5, "slice_thickness_mm": 3.0, "shift": Shift(lesions="mass")}):
+        truth = series_truth("cSVD", 8, **kwargs)  # type: ignore[arg-type]
+        p = generate_phantom("cSVD", 8, **kwargs)  # type: ignore[arg-type]
+        assert truth.variant == "axial" and truth.label == "cSVD" and truth.seed == 8
+        np.testing.assert_array_equal(truth.lesion_mask, p.lesion_mask)
+        np.testing.assert_array_equal(truth.brain_mask, p.brain_mask)  # type: ignore[arg-type]
+        assert truth.lesion_mask.any()
+        np.testing.assert_allclose(truth.points(), grid_points(p.affine, p.volume.shape),
+                                   atol=1e-6)
+    # the written series is what generate_phantom renders, on the truth's grid
+    paths, written = write_dicom_series("cSVD", 8, tmp_path, slices=3, matrix=288,
+                                        pixel_mm=230 / 288, truth=True)
+    phantom = generate_phantom("cSVD", 8, slices=3, matrix=288, pixel_mm=230 / 288)
+    assert written.shape == (3, 288, 288)
+    np.testing.assert_array_equal(written.lesion_mask, phantom.lesion_mask)
+    np.testing.assert_array_equal(written.brain_mask, phantom.brain_mask)  # type: ignore[arg-type]
+    assert_truth_matches_headers(written, paths)
+    datasets = read(paths)
+    assert [str(v) for v in datasets[0].PixelSpacing] == ["0.798611", "0.798611"]
+    slope = float(datasets[0].RescaleSlope)
+    assert float(np.abs(rescaled(datasets) - phantom.volume).max()) <= slope / 2 + 1e-4
+
+
+@pytest.mark.parametrize(("variant", "slices"), [("sagittal", 10), ("oblique", 4)])
+def test_series_truth_on_other_grids(tmp_path: Path, variant: str, slices: int) -> None:
+    paths, written = write_dicom_series("MS", 5, tmp_path, variant=variant, slices=slices,
+                                        truth=True)
+    truth = series_truth("MS", 5, variant=variant, slices=slices)
+    assert truth.shape == ((slices, 200, 200) if variant == "sagittal" else (slices, 256, 256))
+    np.testing.assert_array_equal(truth.lesion_mask, written.lesion_mask)
+    np.testing.assert_array_equal(truth.brain_mask, written.brain_mask)
+    assert_truth_matches_headers(truth, paths)
+    # file k holds what the phantom is at the positions its headers give
+    _, mask, _, brain = _render(make_anatomy("MS", 5), dicom_points(read(paths)), None,
+                                brain=True)
+    np.testing.assert_array_equal(truth.lesion_mask, mask)
+    np.testing.assert_array_equal(truth.brain_mask, brain)  # type: ignore[arg-type]
+    assert truth.brain_mask.any() and not (truth.lesion_mask & ~truth.brain_mask).any()
+
+
+def test_shifted_series_uids_and_header(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    def first(**kwargs: object) -> pydicom.Dataset:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        return read(write_dicom_series("MS", 3, folder, slices=2, **kwargs))[0]  # type: ignore[call-overload]
+
+    default = first()
+    # the default UIDs are the ones phantoms always had
+    assert default.SeriesInstanceUID == generate_uid(
+        entropy_srcs=["flaircad-phantom", "MS", "3", "axial", "2", "series"])
+    assert default.SOPInstanceUID == generate_uid(
+        entropy_srcs=["flaircad-phantom", "MS", "3", "axial", "2", "instance", "0"])
+    variants = [first(shift=Shift(noise_scale=2.0)), first(shift=Shift(fat_scale=1.25)),
+                first(shift=Shift(contrast="t1")), first(shift=Shift(lesions="none")),
+                first(shift=Shift(lesions="mass")), first(matrix=288, pixel_mm=230 / 288),
+                first(slice_thickness_mm=3.0)]
+    everything = [default, *variants]
+    assert len({ds.SeriesInstanceUID for ds in everything}) == len(everything)
+    assert len({ds.SOPInstanceUID for ds in everything}) == len(everything)
+    for ds in variants:  # the same head in the same scanner
+        assert ds.StudyInstanceUID == default.StudyInstanceUID
+        assert ds.FrameOfReferenceUID == default.FrameOfReferenceUID
+    t1 = variants[2]  # a non-FLAIR contrast that slipped through with a FLAIR header
+    assert t1.SeriesDescription == "AX T2 FLAIR" and float(t1.InversionTime) == 2500.0
+    assert list(t1.ScanningSequence) == ["SE", "IR"]
+    assert first(shift=Shift(contrast="t1")).SOPInstanceUID == t1.SOPInstanceUID
+
+
+# --------------------------------------------------------------------------------------------
+# Lesion truth as DICOM SEG
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lesion_seg(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], SeriesTruth, Path]:
+    root = tmp_path_factory.mktemp("seg")
+    paths, truth = write_dicom_series("cSVD", 1, root / "series", slices=10, truth=True)
+    return paths, truth, write_lesion_seg(paths, truth, root / "lesion-seg.dcm")
+
+
+def assert_seg_matches(seg_path: Path, paths: list[Path], truth: SeriesTruth) -> None:
+    import highdicom as hd
+
+    seg = hd.seg.segread(seg_path)
+    sources = read(paths)
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.PatientID == sources[0].PatientID
+    assert seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    assert seg.SeriesDescription == "flaircad phantom lesion truth - RESEARCH ONLY"
+    assert seg.SeriesDescription.endswith("RESEARCH ONLY")
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "Lesion" and len(seg.SegmentSequence) == 1
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    uids = [ds.SOPInstanceUID for ds in sources]
+    referenced = [item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0]
+                  .ReferencedInstanceSequence]
+    assert set(referenced) == set(uids)
+    # one frame per slice with lesion, each the truth of the instance it references
+    nonempty = [k for k in range(truth.shape[0]) if truth.lesion_mask[k].any()]
+    if not nonempty:  # nothing to omit: every frame, all empty
+        assert seg.NumberOfFrames == truth.shape[0]
+        nonempty = list(range(truth.shape[0]))
+    assert seg.NumberOfFrames == len(nonempty)
+    frames = seg.get_pixels_by_source_instance([uids[k] for k in nonempty], segment_numbers=[1])
+    np.testing.assert_array_equal(frames[..., 0].astype(bool), truth.lesion_mask[nonempty])
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = uids.index(source)
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in sources[k].ImagePositionPatient], atol=1e-6)
+
+
+def test_lesion_seg_is_the_truth(lesion_seg: tuple[list[Path], SeriesTruth, Path],
+                                 tmp_path: Path) -> None:
+    paths, truth, seg_path = lesion_seg
+    assert truth.lesion_mask.any() and not truth.lesion_mask.all(axis=(1, 2)).any()
+    assert 0 < sum(truth.lesion_mask[k].any() for k in range(10)) < 10  # some omitted
+    assert_seg_matches(seg_path, paths, truth)
+    # reproducible, whatever the file order
+    again = write_lesion_seg(paths[::-1], truth, tmp_path / "again.dcm")
+    assert again.read_bytes() == seg_path.read_bytes()
+
+
+def test_lesion_seg_on_other_grids_and_shifts(tmp_path: Path) -> None:
+    cases = [("oblique", 3, Shift(lesions="mass")), ("axial", 2, Shift(lesions="none"))]
+    for variant, slices, shift in cases:
+        folder = tmp_path / variant
+        paths, truth = write_dicom_series("MS", 6, folder / "series", variant=variant,
+                                          slices=slices, shift=shift, truth=True)
+        seg = write_lesion_seg(paths, truth, folder / "seg.dcm")
+        assert_seg_matches(seg, paths, truth)
+    with pytest.raises(ValueError, match="instances"):
+        write_lesion_seg(paths[:1], truth, tmp_path / "bad.dcm")
+    other = series_truth("MS", 7, slices=2)
+    with pytest.raises(ValueError, match="series"):
+        write_lesion_seg(paths, other, tmp_path / "bad.dcm")
+
+
+def test_lesion_seg_passes_dciodvfy(lesion_seg: tuple[list[Path], SeriesTruth, Path],
+                                    tmp_path: Path) -> None:
+    require(shutil.which("dciodvfy"), "dciodvfy is not on PATH (apt-get install dicom3tools)")
+    from tests.test_sc_sr import dciodvfy  # the suite's one dciodvfy runner
+
+    _, _, seg_path = lesion_seg
+    mass_paths, mass_truth = write_dicom_series("cSVD", 2, tmp_path / "series",
+                                                variant="oblique", slices=3,
+                                                shift=Shift(lesions="mass"), truth=True)
+    mass_seg = write_lesion_seg(mass_paths, mass_truth, tmp_path / "mass-seg.dcm")
+    errors, _ = dciodvfy([seg_path, mass_seg])
+    assert errors == []
+
+
+def test_cli_phantom_writes_the_lesion_seg_beside_the_series(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    out, seg = tmp_path / "series", tmp_path / "truth" / "lesion-seg.dcm"
+    assert main(["phantom", "--label", "MS", "--seed", "4", "--slices", "4", "--out", str(out),
+                 "--lesion-seg", str(seg), "--lesions", "mass", "--noise-scale", "2",
+                 "--fat-scale", "1.25", "--contrast", "t1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["shift"] == {"noise_scale": 2.0, "fat_scale": 1.25, "contrast": "t1",
+                               "lesions": "mass"}
+    assert record["lesion_seg"] == str(seg) and record["n_instances"] == 4
+    paths = sorted(out.glob("*.dcm"))
+    assert [p.name for p in paths] == [f"IM{k:04d}.dcm" for k in range(1, 5)]  # no SEG in it
+    shift = Shift(noise_scale=2.0, fat_scale=1.25, contrast="t1", lesions="mass")
+    truth = series_truth("MS", 4, slices=4, shift=shift)
+    assert record["lesion_voxels"] == int(truth.lesion_mask.sum()) > 0
+    assert_seg_matches(seg, paths, truth)
+    # the series is the one the Python API writes for the same shift
+    direct = write_dicom_series("MS", 4, tmp_path / "direct", slices=4, shift=shift)
+    assert [p.read_bytes() for p in direct] == [p.read_bytes() for p in paths]
+    # a SEG inside the series folder would be posted with the series: refused
+    assert main(["phantom", "--label", "MS", "--slices", "2", "--out", str(tmp_path / "x"),
+                 "--lesion-seg", str(tmp_path / "x" / "seg.dcm")]) == 2
+    assert "outside" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["phantom", "--label", "MS", "--variant", "sagittal", "--matrix", "64",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "axial" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The DICOM outputs: Secondary Capture overlays and the Comprehensive SR.
 
 Checked three ways: against the source files themselves (each SC references the right source
-image, with its Rows/Columns, and a hot Grad-CAM cell shows at its patient position in it),
+image, with its Rows/Columns, and a hot map cell shows at its patient position in it),
 against the standard with ``dciodvfy`` (0 errors, every variant), and with pydicom reading the
 outputs back under strict validation. Sanitising is tested on a series whose headers carry the
 usual scanner defects.
@@ -10,6 +10,7 @@ usual scanner defects.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import warnings
@@ -31,6 +32,7 @@ from pydicom.valuerep import validate_value
 
 from service.analysis import Analysis, analyse, write_outputs
 from service.config import BUNDLED_MODEL
+from service.contract import EXPLANATIONS, Calibration, DistributionCheck
 from service.engine import Engine, EngineOutput, ModelInfo
 from service.ingest import iter_folder
 from service.preprocess import PreprocessingConfig, reorient_to_canonical
@@ -40,28 +42,45 @@ from tests.conftest import PhantomFactory, require
 CAM_GRID = (24, 16, 16)
 
 
+OOD_THRESHOLD = 5.0
+
+
 class FakeEngine:
-    """Stands in for the ONNX engine: returns the CAM and weights it is given."""
+    """Stands in for the ONNX engine: returns the maps, weights and score it is given.
+    ``cam`` is both CAMs (HiResCAM and Grad-CAM) unless ``hirescam``/``gradcam`` say otherwise;
+    ``spatial_attention`` (S, 16, 16) defaults to uniform, the slice weights are uniform."""
 
     provider = "FakeExecutionProvider"
 
-    def __init__(self, gradcam: np.ndarray | None = None,
-                 probabilities: tuple[float, float] = (0.8, 0.2)) -> None:
+    def __init__(self, cam: np.ndarray | None = None,
+                 probabilities: tuple[float, float] = (0.8, 0.2), *,
+                 hirescam: np.ndarray | None = None, gradcam: np.ndarray | None = None,
+                 spatial_attention: np.ndarray | None = None, ood_score: float = 1.0,
+                 temperature: float = 1.5) -> None:
         self.info = ModelInfo(
             name="fake-model", version="9.9", class_names=("MS", "cSVD"),
             preprocessing=PreprocessingConfig(), architecture={}, training_summary={},
-            intended_use="tests", source_checkpoint_sha256="0" * 64)
-        self.gradcam = np.zeros(CAM_GRID, np.float32) if gradcam is None else gradcam
+            intended_use="tests", source_checkpoint_sha256="0" * 64,
+            calibration=Calibration(temperature, "validation"),
+            distribution=DistributionCheck("mahalanobis", OOD_THRESHOLD))
+        zeros = np.zeros(CAM_GRID, np.float32)
+        cam = zeros if cam is None else cam
+        self.hirescam = cam if hirescam is None else hirescam
+        self.gradcam = cam if gradcam is None else gradcam
+        self.spatial_attention = spatial_attention
+        self.ood_score = np.array([ood_score], dtype=np.float32)
         self.probabilities = np.array([probabilities], dtype=np.float32)
 
     def run(self, volumes: np.ndarray, target_class: np.ndarray | None = None) -> EngineOutput:
         assert volumes.shape == (1, *PreprocessingConfig().model_grid)
         slices = volumes.shape[1]
+        attention = (np.full((slices, 16, 16), 1.0 / 256, np.float32)
+                     if self.spatial_attention is None else self.spatial_attention)
         return EngineOutput(
             probabilities=self.probabilities, logits=np.log(self.probabilities),
             slice_weights=np.full((1, slices), 1.0 / slices, np.float32),
-            spatial_attention=np.full((1, slices, 16, 16), 1.0 / 256, np.float32),
-            gradcam=self.gradcam[None])
+            spatial_attention=attention[None], gradcam=self.gradcam[None],
+            hirescam=self.hirescam[None], ood_score=self.ood_score)
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +216,10 @@ def test_secondary_capture_series_attributes(phantom_series: PhantomFactory) -> 
         assert ds.PatientName == first_source.PatientName
         assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
         assert ds.ConversionType == "WSD" and ds.BurnedInAnnotation == "YES"
-        assert "Grad-CAM" in ds.SeriesDescription and "RESEARCH" in ds.SeriesDescription
+        assert ds.SeriesDescription == "flaircad HiResCAM MS - RESEARCH ONLY"
         assert "RESEARCH USE ONLY" in ds.ImageComments
-        assert "Grad-CAM" in ds.DerivationDescription and "fake-model" in ds.DerivationDescription
+        assert "Within the training distribution" in ds.ImageComments
+        assert "HiResCAM" in ds.DerivationDescription and "fake-model" in ds.DerivationDescription
         equipment = {(e.Manufacturer, e.get("ManufacturerModelName"), e.get("SoftwareVersions"))
                      for e in ds.ContributingEquipmentSequence}
         assert ("flaircad", "fake-model", "9.9") in equipment
@@ -239,19 +259,23 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
         assert items and {item.TextValue for item in items} == {value}
     measured = {m.name.meaning: m.value for m in group.get_measurements()}
     assert measured == pytest.approx({"Probability of MS (model output)": 0.25,
-                                      "Probability of cSVD (model output)": 0.75}, abs=1e-6)
+                                      "Probability of cSVD (model output)": 0.75,
+                                      "Out-of-distribution score (model output)": 1.0},
+                                     abs=1e-6)
     assert all(m.unit.value == "1" and m.unit.scheme_designator == "UCUM"
                for m in group.get_measurements())
-    (evaluation,) = group.get_qualitative_evaluations()
+    evaluation, distribution = group.get_qualitative_evaluations()
     assert evaluation.name.meaning == "Predicted class (research model)"
     assert (evaluation.value.value, evaluation.value.scheme_designator) == ("CSVD", "99FLAIRCAD")
+    assert distribution.name.meaning == "Training distribution assessment"
+    assert distribution.value.meaning == "Within training distribution"
     assert "RESEARCH USE ONLY" in group.tracking_identifier
 
     ms = analyse(iter_folder(folder), FakeEngine(probabilities=(0.9, 0.1)))
     ms_report = highdicom.sr.ComprehensiveSR.from_dataset(ms.sr_dataset())
     (ms_group,) = highdicom.sr.MeasurementReport.from_sequence(
         ms_report.content).get_image_measurement_groups()
-    (ms_evaluation,) = ms_group.get_qualitative_evaluations()
+    ms_evaluation, _ = ms_group.get_qualitative_evaluations()
     assert (ms_evaluation.value.value, ms_evaluation.value.scheme_designator) == (
         "24700007", "SCT")  # SNOMED CT: multiple sclerosis
 
@@ -362,10 +386,16 @@ def test_analysis_json_and_files(phantom_series: PhantomFactory, tmp_path: Path)
     analysis: Analysis = analyse(iter_folder(phantom_series()), FakeEngine())
     result = analysis.to_json()
     assert list(result) == ["study_instance_uid", "series_instance_uid", "prediction",
-                            "probabilities", "slice_weights", "model", "outputs", "timings_ms",
-                            "warnings"]
+                            "probabilities", "slice_weights", "explanation", "distribution",
+                            "model", "calibration", "outputs", "timings_ms", "warnings"]
     assert result["model"] == {"name": "fake-model", "version": "9.9",
                                "provider": "FakeExecutionProvider"}
+    assert result["explanation"] == {"map": "hirescam", "description": EXPLANATIONS["hirescam"]}
+    assert result["distribution"] == {
+        "in_distribution": True, "score": 1.0, "threshold": OOD_THRESHOLD,
+        "method": "mahalanobis", "statement": "within the training distribution"}
+    assert result["calibration"] == {"temperature": 1.5, "fitted_on": "validation"}
+    json.dumps(result)  # plain JSON types only
     assert list(result["timings_ms"]) == ["decode", "volume", "preprocess", "inference",
                                           "render", "encode", "total"]
     assert result["timings_ms"]["total"] >= sum(

@@ -102,11 +102,15 @@ def test_exported_target_class_selects_the_gradcam_class(trained: Path, tmp_path
     export_module.main([str(trained / "model.pt"), "--out", str(out)])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     volume = np.random.default_rng(1).random((1, 8, 1, 64, 64), dtype=np.float32)
-    probs, *_, cam_pred = session.run(None, {"volume": volume, "target_class": np.array([-1])})
+    names = ["probabilities", "gradcam", "hirescam"]
+
+    def run(target: int) -> list[np.ndarray]:
+        return session.run(names, {"volume": volume, "target_class": np.array([target])})
+
+    probs, *maps_pred = run(-1)
     predicted = int(probs.argmax())
-    *_, cam_explicit = session.run(None, {"volume": volume,
-                                          "target_class": np.array([predicted])})
-    *_, cam_other = session.run(None, {"volume": volume,
-                                       "target_class": np.array([1 - predicted])})
-    np.testing.assert_array_equal(cam_pred, cam_explicit)
-    assert not np.allclose(cam_pred, cam_other)
+    _, *maps_explicit = run(predicted)
+    _, *maps_other = run(1 - predicted)
+    for pred, explicit, other in zip(maps_pred, maps_explicit, maps_other, strict=True):
+        np.testing.assert_array_equal(pred, explicit)
+        assert not np.allclose(pred, other)

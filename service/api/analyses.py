@@ -1,4 +1,4 @@
-"""``/v1/analyses``: one series in, MS/cSVD probabilities and Grad-CAM DICOM out."""
+"""``/v1/analyses``: one series in, MS/cSVD probabilities and explanation-map DICOM out."""
 
 from __future__ import annotations
 
@@ -118,11 +118,13 @@ async def create_analysis(
         metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
         # The same instances again (a viewer asking twice) get the same analysis and result
         # UIDs, not a second run: identified by the content of its parts, in any order, and
-        # the model that analyses them. "Cache-Control: no-cache" asks for a new run.
+        # the model that analyses them and the map it shows (FLAIRCAD_EXPLANATION).
+        # "Cache-Control: no-cache" asks for a new run.
         model = rt.engine.info
+        shown = rt.settings.explanation
         fingerprint = "upload:" + digest("\n".join(
-            [f"{model.name} {model.version}", *sorted({p.sha256 for p in dicom_parts})])
-            .encode())
+            [f"{model.name} {model.version} explanation={shown}",
+             *sorted({p.sha256 for p in dicom_parts})]).encode())
         if _no_cache(cache_control):
             record, created = rt.store.create("upload", fingerprint=fingerprint,
                                               owner=rt.scheduler.owner), True

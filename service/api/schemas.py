@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contract import EXPLANATIONS
+
 RESEARCH_USE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 
 
@@ -13,6 +15,33 @@ class ModelRef(BaseModel):
     name: str
     version: str
     provider: str = Field(description="onnxruntime execution provider actually used")
+
+
+class Explanation(BaseModel):
+    """The map the overlays and the preview show (FLAIRCAD_EXPLANATION)."""
+
+    map: str = Field(description="hirescam (default), gradcam or attention",
+                     json_schema_extra={"enum": list(EXPLANATIONS)})
+    description: str
+
+
+class Distribution(BaseModel):
+    """The model's check of how far the input lies from its training data: a warning about
+    the result, not a finding."""
+
+    in_distribution: bool = Field(description="false: the input is unlike the training data "
+                                  "(score above threshold); the result is unreliable")
+    score: float = Field(description="the model's ood_score of this input")
+    threshold: float = Field(description="from the model metadata, calibrated on validation "
+                             "data")
+    method: str = Field(description="how the score is computed, e.g. mahalanobis")
+    statement: str
+
+
+class Calibration(BaseModel):
+    temperature: float = Field(description="temperature scaling of the logits, already applied "
+                               "in the model's probabilities")
+    fitted_on: str = ""
 
 
 class Outputs(BaseModel):
@@ -83,7 +112,10 @@ class Analysis(BaseModel):
         None, description="per class, names from the model metadata")
     slice_weights: list[float] | None = Field(
         None, description="per source slice, in InstanceNumber order, summing to 1")
+    explanation: Explanation | None = None
+    distribution: Distribution | None = None
     model: ModelRef | None = None
+    calibration: Calibration | None = None
     outputs: Outputs | None = None
     timings_ms: Timings | None = None
     warnings: list[str] = Field(default_factory=list)
@@ -108,6 +140,11 @@ class ModelDescription(BaseModel):
     intended_use: str
     architecture: dict[str, Any]
     training_summary: dict[str, Any]
+    calibration: dict[str, Any] = Field(description="temperature scaling (metadata)")
+    out_of_distribution: dict[str, Any] = Field(
+        description="the distribution check (metadata): method, threshold")
+    explanation: Explanation = Field(description="the map this service shows "
+                                     "(FLAIRCAD_EXPLANATION)")
 
 
 class Health(BaseModel):

@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import metrics
 from service.api.deps import Runtime, runtime
-from service.api.schemas import Health, ModelDescription
+from service.api.schemas import Explanation, Health, ModelDescription
+from service.contract import EXPLANATIONS
 
 router = APIRouter(tags=["system"])
 
@@ -71,7 +72,14 @@ def model(rt: Annotated[Runtime, Depends(runtime)]) -> ModelDescription:
         name=info.name, version=info.version, classes=list(info.class_names),
         preprocessing=asdict(info.preprocessing), provider=rt.engine.provider,
         providers=list(rt.engine.providers), intended_use=info.intended_use,
-        architecture=info.architecture, training_summary=info.training_summary)
+        architecture=info.architecture, training_summary=info.training_summary,
+        calibration={"temperature": info.calibration.temperature,
+                     **info.calibration.details},
+        out_of_distribution={"method": info.distribution.method,
+                             "threshold": info.distribution.threshold,
+                             **info.distribution.details},
+        explanation=Explanation(map=rt.settings.explanation,
+                                description=EXPLANATIONS[rt.settings.explanation]))
 
 
 @router.get("/metrics", response_class=Response,

@@ -1,5 +1,5 @@
 """WADO-RS (PS3.18 §10.4) and a QIDO-RS series search for the results, so that a DICOMweb
-viewer (OHIF with flaircad as a data source, say) loads the Grad-CAM SC series and the SR
+viewer (OHIF with flaircad as a data source, say) loads the overlay SC series and the SR
 straight from flaircad.
 
 Only results are served: the SC series and SR of finished analyses of the study, as stored in
