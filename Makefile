@@ -37,6 +37,9 @@ model: $(STAMP)
 	$(PY) -m model_export.export runs/demo/model.pt --out $(MODEL)
 	cp runs/demo/model.pt $(CHECKPOINT)
 	cp runs/demo/metrics.json docs/demo-model-metrics.json
+	# Held-out and shifted phantoms + real series through the service's path; rewrites the
+	# card's generated block from docs/evaluation/evaluation.json.
+	$(PY) -m model_export.evaluate --model $(MODEL) --out docs/evaluation
 
 bench: $(STAMP)
 	$(PY) bench/model_speed.py
