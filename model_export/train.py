@@ -130,17 +130,6 @@ def stack(samples: list[Sample], indices: list[int]) -> Tensor:
     return torch.from_numpy(volumes)[:, :, None]
 
 
-@torch.no_grad()
-def predict(model: AttentionClassifier, samples: list[Sample], indices: list[int],
-            device: torch.device) -> np.ndarray:
-    model.eval()
-    probs = [
-        torch.softmax(model(stack(samples, chunk).to(device)).logits, -1).cpu().numpy()
-        for chunk in batches(indices, 4, None)
-    ]
-    return np.concatenate(probs) if probs else np.zeros((0, 2))
-
-
 def localisation(model: AttentionClassifier, samples: list[Sample], indices: list[int],
                  device: torch.device) -> dict[str, float | int]:
     """Share of lesion slices whose map peak (predicted class) lies in the lesion mask
