@@ -57,7 +57,8 @@ def _classification_table(cohorts: dict[str, Any]) -> list[str]:
 
 
 def _pointing(p: dict[str, Any]) -> str:
-    return f"{_pct(p['rate'])} ({p['hits']}/{p['lesion_slices']})"
+    shown = f"; {p['not_shown']} not shown" if p.get("not_shown") else ""
+    return f"{_pct(p['rate'])} ({p['hits']}/{p['lesion_slices']}{shown})"
 
 
 def _map_table(cohorts: dict[str, Any]) -> list[str]:

@@ -116,7 +116,10 @@ def map_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         for cls in CLASSES:
             hits = sum(s["hits"] for label, s in stats if label == cls)
             slices = sum(s["lesion_slices"] for label, s in stats if label == cls)
-            pointing[cls] = {"hits": hits, "lesion_slices": slices, "rate": rate(hits, slices)}
+            not_shown = sum(s.get("lesion_slices_not_shown", 0) for label, s in stats
+                            if label == cls)
+            pointing[cls] = {"hits": hits, "lesion_slices": slices, "rate": rate(hits, slices),
+                             "not_shown": not_shown}
         masses = [s["mass_in_brain"] for _, s in stats if s["mass_in_brain"] is not None]
         edge = sum(s["edge_peaks"] for _, s in stats)
         peaks = sum(s["peak_slices"] for _, s in stats)
@@ -325,7 +328,8 @@ def evaluate(model: Path, out: Path, *, quick: bool = False, workers: int = 2,
                      "pointing": "lesion slices of the source grid whose map peak lies in the "
                                  "lesion mask dilated by a 7.5 mm disc; a slice whose map is "
                                  "all zero or invisible (peak < 1/255 of the volume's peak, "
-                                 "below what the overlay can show) misses",
+                                 "below what the overlay can show) misses and is counted as "
+                                 "not shown",
                      "mass_in_brain": "share of the map's sum inside the brain mask, over the "
                                       "whole source volume, mean over series",
                      "edge_peaks": "source slices containing brain, with the map visible, whose "

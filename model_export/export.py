@@ -32,6 +32,7 @@ from model_export.model import (
     ExplainedClassifier,
     ModelConfig,
     autograd_maps,
+    embedding_dim,
     volume_embedding,
 )
 from model_export.phantoms import generate_phantom
@@ -70,7 +71,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model = AttentionClassifier(ModelConfig(**raw["model_config"]))
     model.load_state_dict(raw["state_dict"])
     model.eval()
-    distance = EmbeddingDistance(2 * model.config.feature_channels, model.config.num_classes)
+    distance = EmbeddingDistance(embedding_dim(model.config), model.config.num_classes)
+    if raw["distance_state"]["means"].shape != distance.means.shape:
+        raise ValueError(f"{path}: its distance was fitted on another embedding than "
+                         "model.volume_embedding gives; refit it (python -m "
+                         "model_export.recalibrate)")
     distance.load_state_dict(raw["distance_state"])
     explained = ExplainedClassifier(model, raw["temperature"], distance).eval()
     return Checkpoint(

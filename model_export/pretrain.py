@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # "state_dict" is a plain ResNet in torchvision's layout; the attention travels beside it
     torch.save({"state_dict": model.backbone.state_dict(),
-                "spatial_attention": model.attention.state_dict()}, args.out)
+                "spatial_attention": model.attention.state_dict(),
+                "site_head": model.head.state_dict()}, args.out)
     print(json.dumps({"out": str(args.out), "history": history}))
     return 0
 

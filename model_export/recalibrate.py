@@ -1,4 +1,6 @@
-"""Give a trained format-1 checkpoint what format 2 carries, without retraining it.
+"""Fit a trained network's temperature and out-of-distribution distance again, without
+retraining it: a format-1 checkpoint gets what format 2 carries, and a format-2 checkpoint gets
+them refitted with the current code (after a change to the embedding the distance reads).
 
     python -m model_export.recalibrate OLD.pt --phantoms 480 --out NEW.pt
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from model_export import seeds
-from model_export.data import Sample, _phantom_sample, make_splits
+from model_export.data import Sample, _phantom_sample, make_splits, phantom_cohort
 from model_export.model import AttentionClassifier, ModelConfig
 from model_export.phantoms import CLASS_NAMES
 from model_export.train import calibrate
@@ -53,20 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     raw = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if raw.get("format") != "flaircad-checkpoint/1":
-        raise SystemExit(f"{args.checkpoint} is not a flaircad-checkpoint/1")
-    config = ModelConfig(**{**raw["model_config"], "input_offset": FORMAT_1_INPUT_OFFSET})
+    old_format = raw.get("format")
+    if old_format not in ("flaircad-checkpoint/1", CHECKPOINT_FORMAT):
+        raise SystemExit(f"{args.checkpoint} is not a flaircad checkpoint")
+    config = ModelConfig(**raw["model_config"])
+    if old_format == "flaircad-checkpoint/1":
+        config = ModelConfig(**{**raw["model_config"], "input_offset": FORMAT_1_INPUT_OFFSET})
     model = AttentionClassifier(config)
     model.load_state_dict(raw["state_dict"])
     model.eval()
     # format 1 had no background field: air was 0 after min–max there too
     preprocessing = PreprocessingConfig.from_json(raw["preprocessing"])
-    samples = format_1_cohort(args.phantoms, preprocessing, args.seed, args.threads)
+    if old_format == CHECKPOINT_FORMAT:  # the cohort train.py drew: seeds.CLASSIFIER
+        samples = phantom_cohort(args.phantoms, preprocessing, seed=args.seed,
+                                 workers=args.threads)
+    else:
+        samples = format_1_cohort(args.phantoms, preprocessing, args.seed, args.threads)
     split = make_splits([s.label for s in samples], [s.patient_id for s in samples], 1,
                         args.seed)[0]
     temperature, distance, calibration, ood = calibrate(model, samples, split.train,
                                                         split.valid)
     summary = dict(raw["training_summary"])
+    if old_format == CHECKPOINT_FORMAT:
+        torch.save({**raw, "temperature": temperature, "distance_state": distance.state_dict(),
+                    "calibration": calibration, "out_of_distribution": ood}, args.out)
+        print(json.dumps({"out": str(args.out), "calibration": calibration,
+                          "out_of_distribution": ood}, indent=2), file=sys.stderr)
+        return 0
     summary["seeds"] = {
         "classifier": [args.seed * 100_000, args.seed * 100_000 + args.phantoms],
         "pretrain": [seeds.PRETRAIN.start, seeds.PRETRAIN.stop],

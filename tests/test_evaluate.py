@@ -106,7 +106,7 @@ def test_map_stats_by_hand() -> None:
     cam[2, 1, 16] = 3.0  # no lesion; the peak lies 1 px from the top edge
     cam[2, 16, 16] = 1.0
     stats = scoring.map_stats(cam, lesion, brain, pixel_mm=(1.0, 1.0), radius_mm=7.5)
-    assert (stats.hits, stats.lesion_slices) == (1, 2)
+    assert (stats.hits, stats.lesion_slices, stats.lesion_slices_not_shown) == (1, 2, 1)
     assert (stats.edge_peaks, stats.peak_slices) == (1, 2)
     assert stats.mass_in_brain == pytest.approx(2.0 / 5.0)
     # a map below 1/255 of the volume's peak is invisible in the overlay: it cannot hit, and
@@ -117,6 +117,7 @@ def test_map_stats_by_hand() -> None:
     dim = scoring.map_stats(faint, lesion, brain, pixel_mm=(1.0, 1.0))
     assert (dim.hits, dim.lesion_slices, dim.edge_peaks, dim.peak_slices) == (1, 2, 1, 2)
     assert (dim.edge_peaks_any, dim.peak_slices_any) == (2, 3)
+    assert dim.lesion_slices_not_shown == 1
     faint[1, 0, 10] = 0.02  # now visible (≥ 3/255), peak on the edge, not in the lesion
     assert scoring.map_stats(faint, lesion, brain, pixel_mm=(1.0, 1.0)).edge_peaks == 2
     # at 2 mm pixels the radius is 3.75 px: 7 px away is a miss
@@ -133,6 +134,10 @@ def test_targets_met_and_missed_by() -> None:
     edge = scoring.Target("edge", "test", 0.05, 0.05, False, strict=True).to_dict()
     assert edge["met"] is False and edge["op"] == "<"
     assert scoring.Target("x", "test", None, 0.5, True).to_dict()["met"] is None
+    # equal to the goal but for float rounding: met, not "missed by 0.000"
+    exact = scoring.Target("ba", "test", (0.94 + 0.92) / 2, 0.93, True).to_dict()
+    assert (0.94 + 0.92) / 2 < 0.93 and exact["met"] is True and exact["missed_by"] == 0.0
+    assert scoring.Target("ba", "test", 0.9299, 0.93, True).to_dict()["met"] is False
 
 
 # --------------------------------------------------------------------------------------------

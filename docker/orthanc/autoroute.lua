@@ -2,7 +2,7 @@
 -- (the "flaircad" entry of DicomWeb.Servers in orthanc.json).
 --
 -- flaircad's results come back into Orthanc (FLAIRCAD_DESTINATIONS in compose.yaml) as new
--- series of the source study and must never be routed to flaircad again: its Grad-CAM series is
+-- series of the source study and must never be routed to flaircad again: its explanation (SC) series is
 -- a Secondary Capture (Modality OT) and its report an SR, both with Manufacturer "flaircad" and a
 -- SeriesDescription that starts with "flaircad". Each test alone stops the loop; all three are
 -- kept in case a PACS rewrites one (README: Connect your PACS). The phantoms' Manufacturer is
