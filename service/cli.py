@@ -115,6 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
             "service.app:create_app", factory=True, host=settings.host, port=settings.port,
             workers=workers, log_config=log_config, log_level=settings.log_level.lower(),
             access_log=False,  # the request middleware logs each request (route template)
+            # h11 with bounded heads and timeouts (service/http_limits.py): httptools bounds
+            # neither the request line nor the headers
+            http="service.http_limits:BoundedH11Protocol",
             # connections still open once the analyses have drained get this long
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
     finally:

@@ -54,6 +54,20 @@ class Settings(BaseSettings):
         1, ge=1, description="uvicorn worker processes (`flaircad serve --workers`); each has "
         "its own analysis threads and queue; metrics are merged (prometheus-client "
         "multiprocess mode)")
+    http_max_url_bytes: int = Field(
+        8 * 1024, ge=256, description="longest request line (method, URL, version); HTTP 414 "
+        "and the connection closed beyond")
+    http_max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request head (request line and headers); "
+        "HTTP 431 and the connection closed beyond")
+    http_max_header_count: int = Field(
+        100, ge=8, description="most request header lines; HTTP 431 beyond")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="time a client has to send a request's head, from its "
+        "connection or its previous response; HTTP 408 and closed after it (slowloris)")
+    http_body_idle_timeout_s: float = Field(
+        60.0, gt=0, description="longest pause while a request body is arriving; HTTP 408 "
+        "(or the connection dropped, once a response has started) after it")
     max_queue: int = Field(16, ge=1, description="analyses waiting (per process); beyond it "
                            "HTTP 503")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with HTTP 503")

@@ -104,6 +104,14 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=30)
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (its main process, from /proc)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc")
+
     def log_lines(self) -> list[str]:
         return self.stderr_path.read_text(encoding="utf-8",
                                           errors="replace").splitlines()
