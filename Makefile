@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 TORCH_VERSION ?= 2.13.0
 MODEL  := service/models/flaircad-demo.onnx
 # The demo's PyTorch checkpoint ships too, so the tests can re-verify ONNX against it.
@@ -18,9 +19,17 @@ $(STAMP): pyproject.toml
 	# The exact torch pin resolves to the local CPU wheel here; the train extra then accepts it.
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install --quiet -e ".[train,dev]"
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
-serve: $(STAMP)
+# `make serve` needs the runtime only (no torch, onnx or test tools): a venv made by
+# `make test` already has it.
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+serve: $(RUNTIME_STAMP)
 	FLAIRCAD_AUTH_DISABLED=true $(VENV)/bin/flaircad serve
 
 test: $(STAMP)

@@ -41,7 +41,7 @@ TRUSTED_LOGGERS = ("service", "flaircad", "uvicorn", "asyncio", "multiprocessing
 WITHHELD = "message withheld (third-party text may quote DICOM values)"
 
 # An incoming X-Request-ID is echoed and logged only if it looks like an id, not like data.
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 # The attributes every LogRecord has; anything else on a record came in through ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -49,7 +49,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 def sane_request_id(value: str | None) -> str | None:
-    return value if value is not None and _SANE_REQUEST_ID.match(value) else None
+    return value if value is not None and _SANE_REQUEST_ID.fullmatch(value) else None
 
 
 def _trusted(name: str) -> bool:

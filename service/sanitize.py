@@ -40,8 +40,8 @@ from pydicom.dataset import Dataset
 
 OUTPUT_CHARSET = "ISO_IR 192"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_STRICT_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_WRITABLE_UID = re.compile(r"^[0-9.]{1,64}$")
+_STRICT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_WRITABLE_UID = re.compile(r"[0-9.]{1,64}")
 _CS_CHARACTERS = re.compile(r"[^A-Z0-9 _]")
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
 _YES_NO = {"YES": "YES", "Y": "YES", "NO": "NO", "N": "NO"}
@@ -151,11 +151,11 @@ def clean_time(value: Any) -> str:
 def clean_uid(value: Any) -> str | None:
     """The UID if it can be written as one (digits and dots, 1–64 characters), else None."""
     text = _flatten(value).strip("\x00 ")
-    return text if _WRITABLE_UID.match(text) else None
+    return text if _WRITABLE_UID.fullmatch(text) else None
 
 
 def is_conformant_uid(value: str) -> bool:
-    return bool(_STRICT_UID.match(value)) and len(value) <= 64
+    return bool(_STRICT_UID.fullmatch(value)) and len(value) <= 64
 
 
 def _get(ds: Dataset, keyword: str) -> Any:

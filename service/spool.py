@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class StoreOutcome(StrEnum):
@@ -45,9 +45,10 @@ class StoreOutcome(StrEnum):
 
 
 def safe_uid(uid: str) -> str:
-    """``uid`` if it is a syntactically valid DICOM UID (digits and dots, ≤ 64 characters)."""
-    uid = uid.strip().rstrip("\x00")
-    if not uid or len(uid) > 64 or not _UID.match(uid):
+    """``uid`` if it is a syntactically valid DICOM UID (digits and dots, ≤ 64 characters).
+    Only DICOM's own padding (NUL, space) is taken off: "1.2.3\n" from a URL is refused."""
+    uid = uid.strip(" \x00")
+    if not uid or len(uid) > 64 or not _UID.fullmatch(uid):
         raise ValueError(f"not a valid DICOM UID: {uid[:80]!r}")
     return uid
 

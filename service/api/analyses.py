@@ -25,7 +25,7 @@ from service.store import FINISHED, Record, Status
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")
 _DICOM_PART_TYPES = ("", "application/dicom", "application/octet-stream")
 
 _UPLOAD_DOC: dict[str, Any] = {
@@ -71,7 +71,7 @@ def view(record: Record) -> Analysis:
 
 
 def _record_or_404(rt: Runtime, analysis_id: str) -> Record:
-    record = rt.store.get(analysis_id) if _ID.match(analysis_id) else None
+    record = rt.store.get(analysis_id) if _ID.fullmatch(analysis_id) else None
     if record is None:
         raise Problem(404, "analysis_not_found", f"no analysis {analysis_id[:40]!r}")
     return record
@@ -90,6 +90,9 @@ def _finished_response(record: Record) -> Response:
                   analysis_id=record.id)
 
 
+# "/v1/analyses/" is the same resource: answered, not redirected (a 307 with an empty body
+# printed nothing in the tour's `curl -s`)
+@router.post("/", include_in_schema=False, response_model=Analysis)
 @router.post("", openapi_extra=_UPLOAD_DOC, response_model=Analysis,
              summary="Analyse one series (synchronous, or async with Prefer: respond-async)")
 async def create_analysis(
@@ -204,6 +207,7 @@ def _audit_read(request: Request, rt: Runtime, what: str, record: Record | None 
         series_instance_uid=record.series_instance_uid if record else None)
 
 
+@router.get("/", include_in_schema=False, response_model=AnalysisList)
 @router.get("", response_model=AnalysisList, summary="Analyses of a study (or the latest)")
 def list_analyses(
     request: Request,

@@ -1,0 +1,50 @@
+"""Small findings of the hardening issue (13): identifiers matched in full, the trailing-slash
+form of the analyses collection answered rather than redirected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from service import sanitize
+from service.logs import sane_request_id
+from service.spool import safe_uid
+from tests._live import Live, running, settings_for
+
+
+@pytest.mark.parametrize("value", ["1.2.3\n", "1.2.3\r\n", "\n1.2.3", "1.2.3\t", "1.2.3\x0b"])
+def test_a_uid_with_a_newline_or_other_whitespace_is_refused(value: str) -> None:
+    """`^…$` with re.match accepts "1.2.3\\n" ($ matches before a final newline), and a
+    whitespace strip() hid the rest; only DICOM's own padding (NUL, space) may be taken off."""
+    with pytest.raises(ValueError):
+        safe_uid(value)
+    assert not sanitize.is_conformant_uid(value)
+    assert sanitize.clean_uid(value) is None
+
+
+def test_dicom_padding_is_still_accepted() -> None:
+    assert safe_uid("1.2.3\x00") == "1.2.3" and safe_uid("1.2.3 ") == "1.2.3"
+    assert sanitize.is_conformant_uid("1.2.840.10008.5.1.4.1.1.4")
+
+
+def test_a_request_id_with_a_newline_is_not_echoed() -> None:
+    assert sane_request_id("abcdefgh-1234") == "abcdefgh-1234"
+    assert sane_request_id("abcdefgh-1234\n") is None
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with running(settings_for(tmp_path_factory.mktemp("small") / "spool")) as server:
+        yield server
+
+
+def test_the_analyses_collection_answers_with_a_trailing_slash(live: Live) -> None:
+    listed = live.get("/v1/analyses/", follow_redirects=False)
+    assert listed.status_code == 200 and "analyses" in listed.json()
+    # a POST without a body: a problem+json 4xx, not a 307 with an empty body
+    posted = live.post("/v1/analyses/", follow_redirects=False)
+    assert 400 <= posted.status_code < 500 and posted.status_code != 404
+    assert posted.headers["content-type"].startswith("application/problem+json")
+    assert posted.json()["status"] == posted.status_code
+
