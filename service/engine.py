@@ -8,6 +8,7 @@ without a usable GPU and silently falls back to CPU, so "asked for" is not "got"
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
@@ -55,6 +56,19 @@ def _native_stderr_logged() -> Iterator[None]:
             log.warning("onnxruntime: %s", line.strip())
 
 
+def cuda_unloadable_reason() -> str | None:
+    """None when onnxruntime's CUDA provider library loads here (its CUDA and cuDNN
+    dependencies found, e.g. after ``preload_dlls``), else why not."""
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return "this onnxruntime has no CUDA provider library"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as error:
+        return str(error)
+    return None
+
+
 @dataclass(frozen=True)
 class EngineOutput:
     probabilities: npt.NDArray[np.float32]  # (B, K)
@@ -94,6 +108,14 @@ class Engine:
                 log.info("CUDA library probing: %s", " | ".join(probing.getvalue().split("\n")))
         available = set(ort.get_available_providers())
         requested = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in requested:
+            # onnxruntime-gpu lists CUDA as available wherever it is installed; asked for on a
+            # host without the CUDA libraries it prints an error at every start and falls back
+            why = cuda_unloadable_reason()
+            if why is not None:
+                requested = [p for p in requested if p != "CUDAExecutionProvider"] or [
+                    "CPUExecutionProvider"]
+                log.info("CUDA execution provider not used: %s", why)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only from the session's own logger
         with _native_stderr_logged():

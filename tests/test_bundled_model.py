@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -88,3 +89,21 @@ def test_a_model_without_the_contract_metadata_is_refused(tmp_path) -> None:
     onnx.save_model(proto, str(stripped))
     with pytest.raises(ModelContractError, match="preprocessing"):
         Engine(stripped, ["CPUExecutionProvider"])
+
+
+def test_cuda_is_asked_for_only_where_it_loads(caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime-gpu lists CUDA as available on any host; asked for where its libraries are
+    missing it writes an error at every start. The engine asks only when the provider library
+    loads, and says in one info line why it did not."""
+    from service.engine import cuda_unloadable_reason
+
+    why = cuda_unloadable_reason()
+    with caplog.at_level(logging.INFO, logger="service.engine"):
+        engine = Engine(BUNDLED_MODEL, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if why is None:  # a GPU host with its libraries: CUDA is asked for and used
+        assert engine.requested_providers[0] == "CUDAExecutionProvider"
+        return
+    assert engine.requested_providers == ("CPUExecutionProvider",)
+    assert engine.provider == "CPUExecutionProvider"
+    assert [r for r in caplog.records if r.getMessage().startswith("onnxruntime:")] == []
+    assert any("CUDA execution provider not used" in r.getMessage() for r in caplog.records)
