@@ -89,6 +89,22 @@ def result_urls(analysis_id: str) -> dict[str, str]:
             "preview_url": f"/v1/analyses/{analysis_id}/preview.png"}
 
 
+def client_label(path: Path) -> str:
+    """How a client knows one of its inputs: an upload's part by its place in the request
+    (files are stored as 00000.dcm, 00001.dcm, …), a received instance by its SOP UID."""
+    stem = Path(path).stem
+    return f"part {int(stem) + 1}" if stem.isdigit() else f"instance {stem}"
+
+
+def client_text(text: str, files: list[Path], spool_root: Path) -> str:
+    """``text`` with every server path of ``files`` replaced by its :func:`client_label`, and
+    any other path under the spool cut to ``<spool>``."""
+    for path in sorted(files, key=lambda p: len(str(p)), reverse=True):
+        text = text.replace(str(path), client_label(path))
+    return text.replace(str(Path(spool_root).resolve()), "<spool>").replace(
+        str(spool_root), "<spool>")
+
+
 class Scheduler:
     def __init__(self, settings: Settings, engine: Engine, spool: Spool, store: AnalysisStore,
                  analyse: Callable[..., Any] | None = None) -> None:
@@ -395,14 +411,18 @@ class Scheduler:
             (staging / "result.json").write_text(json.dumps(result, indent=2))
             self.spool.publish_result(staging, record.id)
         except AnalysisRejected as rejected:
-            problem = {"code": rejected.code, "detail": rejected.message,
-                       "warnings": [*(str(w) for w in getattr(rejected, "warnings", ())),
+            # the client sees its own parts and instances, never a path on this server
+            problem = {"code": rejected.code,
+                       "detail": client_text(rejected.message, job.files, self.spool.root),
+                       "warnings": [*(client_text(str(w), job.files, self.spool.root)
+                                      for w in getattr(rejected, "warnings", ())),
                                     *conflicts]}
             self.store.update(record.id, Status.REJECTED, problem=problem)
             outcome = f"rejected:{rejected.code}"
         except Exception as error:
             self.store.update(record.id, Status.FAILED, problem={
-                "code": "analysis_failed", "detail": f"{type(error).__name__}: {error}"})
+                "code": "analysis_failed", "detail": client_text(
+                    f"{type(error).__name__}: {error}", job.files, self.spool.root)})
             outcome = "failed"
             log.exception("analysis failed")
             if staging is not None:  # a result that was not published never will be

@@ -3,14 +3,16 @@ form of the analyses collection answered rather than redirected."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from service import sanitize
 from service.logs import sane_request_id
 from service.spool import safe_uid
-from tests._live import Live, running, settings_for
+from tests._live import Live, related, running, settings_for
 
 
 @pytest.mark.parametrize("value", ["1.2.3\n", "1.2.3\r\n", "\n1.2.3", "1.2.3\t", "1.2.3\x0b"])
@@ -48,3 +50,21 @@ def test_the_analyses_collection_answers_with_a_trailing_slash(live: Live) -> No
     assert posted.headers["content-type"].startswith("application/problem+json")
     assert posted.json()["status"] == posted.status_code
 
+
+
+def test_a_rejection_names_the_clients_part_not_a_server_path(tmp_path: Path,
+                                                               dicom_samples: Path) -> None:
+    """A mosaic upload is refused (422 mosaic, with the non-FLAIR override so that the volume
+    stage sees it): the detail names the request's part, never the spool folder it was in."""
+    mosaic = sorted((dicom_samples / "siemens_trio_epi_mosaic_transfer_syntaxes" / "dicom")
+                    .glob("*.dcm"))[0].read_bytes()
+    body, headers = related([mosaic])
+    settings = settings_for(tmp_path / "spool", accept_non_flair=True)
+    with running(settings) as server:
+        response = server.post("/v1/analyses", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["code"] == "mosaic"
+    text = json.dumps(problem)
+    assert str(tmp_path) not in text and "uploads" not in text
+    assert ".dcm" not in text and "part 1" in problem["detail"]
