@@ -95,6 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings("serve")
     if settings is None:
         return 2
+    refusal = _serve_preflight(settings)
+    if refusal is not None:  # one clear line, before any log, spool or model is touched
+        print(f"flaircad serve: {refusal}", file=sys.stderr)
+        return 2
     log_config = logs.config(settings.log_level)
     logging.config.dictConfig(log_config)
     logging.getLogger("service.cli").warning(RESEARCH_NOTICE)
@@ -124,6 +128,29 @@ def _serve(args: argparse.Namespace) -> int:
         if created and metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _serve_preflight(settings: Settings) -> str | None:
+    """Why ``flaircad serve`` cannot start, checked before anything is opened: no
+    credentials with authentication on, unreadable credentials, or a port already in use
+    (uvicorn would find that out only after the app had started and logged "ready")."""
+    import socket
+
+    from service.auth import Authenticator, check_configured
+
+    try:
+        check_configured(settings, Authenticator.from_settings(settings))
+    except (RuntimeError, OSError, ValueError) as error:
+        return str(error)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as error:
+            return (f"cannot listen on {settings.host}:{settings.port}: {error.strerror} "
+                    "(FLAIRCAD_HOST, FLAIRCAD_PORT)")
+    return None
 
 
 def _inspect_record(

@@ -4,6 +4,9 @@ form of the analyses collection answered rather than redirected."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import pytest
 from service import sanitize
 from service.logs import sane_request_id
 from service.spool import safe_uid
-from tests._live import Live, related, running, settings_for
+from tests._live import Live, free_port, related, running, settings_for
+from tests._server import FLAIRCAD
 
 
 @pytest.mark.parametrize("value", ["1.2.3\n", "1.2.3\r\n", "\n1.2.3", "1.2.3\t", "1.2.3\x0b"])
@@ -68,3 +72,33 @@ def test_a_rejection_names_the_clients_part_not_a_server_path(tmp_path: Path,
     text = json.dumps(problem)
     assert str(tmp_path) not in text and "uploads" not in text
     assert ".dcm" not in text and "part 1" in problem["detail"]
+
+
+def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLAIRCAD_")}
+    clean.update({"FLAIRCAD_SPOOL_DIR": str(tmp_path / "spool"), "FLAIRCAD_HOST": "127.0.0.1",
+                  **env})
+    return subprocess.run([str(FLAIRCAD), "serve"], env=clean, cwd=tmp_path, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_serve_without_credentials_says_so_in_one_line(tmp_path: Path) -> None:
+    result = _serve(tmp_path, FLAIRCAD_PORT=str(free_port()))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and len(lines[0]) < 400, result.stderr[-2000:]
+    assert "no credentials" in lines[0] and "FLAIRCAD_API_KEYS" in lines[0]
+    assert not (tmp_path / "spool").exists()  # nothing opened
+
+
+def test_serve_on_a_busy_port_refuses_before_starting(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve(tmp_path, FLAIRCAD_PORT=str(port), FLAIRCAD_AUTH_DISABLED="true")
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    # one line, and no log record: the app never started
+    assert len(result.stderr.strip().splitlines()) == 1 and "{" not in result.stderr
+    assert not (tmp_path / "spool").exists()
