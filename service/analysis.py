@@ -114,6 +114,8 @@ class Analysis:
     preview_png: bytes
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    # False: no FLAIR rule matched and the series ran under the non-FLAIR override
+    flair_recognised: bool = True
 
     def instances(self) -> list[bytes]:
         """Every output instance: the Secondary Captures, then the SR."""
@@ -137,6 +139,10 @@ class Analysis:
             "explanation": {"map": self.explanation,
                             "description": EXPLANATIONS[self.explanation]},
             "distribution": dict(self.distribution),
+            "input": {"flair_recognised": self.flair_recognised,
+                      "statement": "recognised as T2-FLAIR" if self.flair_recognised else
+                      "not recognised as T2-FLAIR: analysed under the research override "
+                      "(FLAIRCAD_ACCEPT_NON_FLAIR)"},
             "model": dict(self.model),
             "calibration": dict(self.calibration),
             "outputs": {
@@ -256,6 +262,7 @@ def analyse(
                          f"{sorted(EXPLANATIONS)}")
     clock = _Clock()
     warnings: list[str] = []
+    flair_recognised = True
 
     # decode: parse and group; one series, FLAIR
     ingested = ingest(sources)
@@ -272,6 +279,7 @@ def analyse(
         if refusal is not None:
             raise AnalysisRejected(refusal.code, refusal.message, warnings)
         if not match.is_flair:
+            flair_recognised = False
             warnings.append(f"{Code.NOT_FLAIR}: no FLAIR rule matched; analysed anyway "
                             "(accept_non_flair research override)")
     clock.lap("decode")
@@ -306,7 +314,8 @@ def analyse(
     label = overlay.explanation_label(explanation)
     banner = overlay.Banner(prediction, probabilities, info.name, info.version,
                             explanation=explanation,
-                            in_distribution=bool(distribution["in_distribution"]))
+                            in_distribution=bool(distribution["in_distribution"]),
+                            flair_recognised=flair_recognised)
     order = _display_order(volume)
     pixel_spacing = (volume.spacing_mm[1], volume.spacing_mm[2])
     rendered = overlay.render(
@@ -336,7 +345,7 @@ def analyse(
         model=model, prediction=prediction, probabilities_text=probabilities_text,
         series_number=_series_number(first, SC_SERIES_OFFSET), pixel_spacing=pixel_spacing,
         orientation=sc.patient_orientation(volume.affine_lps), explanation=explanation,
-        distribution=distribution,
+        distribution=distribution, flair_recognised=flair_recognised,
     )
     source_series = sanitize.clean_uid(volume.info.series_instance_uid)
     if not source_series:
@@ -351,6 +360,7 @@ def analyse(
         model=model, prediction=prediction, probabilities=probabilities,
         series_number=_series_number(first, SR_SERIES_OFFSET), explanation=explanation,
         distribution=distribution, temperature=info.calibration.temperature,
+        flair_recognised=flair_recognised,
     )
     sc_bytes = sc.encode_series(captures)
     sr_bytes = sc.encode_part10(report)
@@ -367,6 +377,7 @@ def analyse(
         slice_weights=[float(w) for w in weights],
         explanation=explanation,
         distribution=distribution,
+        flair_recognised=flair_recognised,
         model={"name": info.name, "version": info.version, "provider": engine.provider},
         calibration={"temperature": float(info.calibration.temperature),
                      "fitted_on": info.calibration.fitted_on},

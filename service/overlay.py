@@ -49,6 +49,8 @@ from service.sanitize import clean_ascii
 
 RESEARCH_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 OUTSIDE_DISTRIBUTION_BANNER = "OUTSIDE THE TRAINING DISTRIBUTION"
+# The input matched no FLAIR rule and was analysed under FLAIRCAD_ACCEPT_NON_FLAIR
+NOT_FLAIR_BANNER = "NOT RECOGNISED AS FLAIR: RESEARCH OVERRIDE"
 # How banners, SeriesDescriptions and reports name each map of service.contract.EXPLANATIONS
 EXPLANATION_LABELS: dict[str, str] = {
     "hirescam": "HiResCAM",
@@ -86,6 +88,7 @@ class Banner:
     model_version: str
     explanation: str = DEFAULT_EXPLANATION
     in_distribution: bool = True
+    flair_recognised: bool = True
 
     def lines(self) -> list[str]:
         probabilities = "  ".join(
@@ -99,7 +102,8 @@ class Banner:
 
     def alerts(self) -> list[str]:
         """Warnings drawn under the result lines, in orange."""
-        return [] if self.in_distribution else [OUTSIDE_DISTRIBUTION_BANNER]
+        return ([] if self.flair_recognised else [NOT_FLAIR_BANNER]) + (
+            [] if self.in_distribution else [OUTSIDE_DISTRIBUTION_BANNER])
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.overlay import OUTSIDE_DISTRIBUTION_BANNER, explanation_label
+from service.overlay import NOT_FLAIR_BANNER, OUTSIDE_DISTRIBUTION_BANNER, explanation_label
 from service.sanitize import OPTIONAL_PATIENT_STUDY, clean_text
 
 RESEARCH_STATEMENT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
@@ -108,6 +108,14 @@ def distribution_comment(distribution: Mapping[str, Any] | None) -> str:
             "was trained on, so its result and map are unreliable.")
 
 
+def flair_comment(flair_recognised: bool) -> str:
+    """A sentence (with a leading space) when the input matched no FLAIR rule, else ""."""
+    if flair_recognised:
+        return ""
+    return (f" {NOT_FLAIR_BANNER}: the input series was not recognised as T2-FLAIR and was "
+            "analysed only because the non-FLAIR override (FLAIRCAD_ACCEPT_NON_FLAIR) is on.")
+
+
 def series_description(prediction: str, explanation: str = DEFAULT_EXPLANATION) -> str:
     """E.g. "flaircad HiResCAM MS - RESEARCH ONLY" (at most 64 characters)."""
     label = explanation_label(explanation)
@@ -128,6 +136,7 @@ def build_secondary_captures(
     series_instance_uid: str | None = None,
     explanation: str = DEFAULT_EXPLANATION,
     distribution: Mapping[str, Any] | None = None,
+    flair_recognised: bool = True,
 ) -> list[Dataset]:
     """One SC instance per image, ``images[i]`` derived from ``sources[i]``; InstanceNumber
     i + 1. ``header`` is a :func:`service.sanitize.reference_header` dataset. ``explanation``
@@ -147,7 +156,8 @@ def build_secondary_captures(
         f"windowed source image; result banner burned in. {RESEARCH_STATEMENT}.", 1024,
         multiline=True)
     comments = clean_text(
-        f"{RESEARCH_STATEMENT}.{distribution_comment(distribution)} flaircad {model.name} "
+        f"{RESEARCH_STATEMENT}.{flair_comment(flair_recognised)}"
+        f"{distribution_comment(distribution)} flaircad {model.name} "
         f"{model.version}: predicted {prediction} ({probabilities_text}); overlay: {label}.",
         10240, multiline=True)
     now = datetime.datetime.now()

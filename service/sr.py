@@ -70,6 +70,11 @@ DISTRIBUTION_ASSESSMENT = hsr.CodedConcept("TRAINDIST", PRIVATE_SCHEME,
 WITHIN_DISTRIBUTION = hsr.CodedConcept("INDIST", PRIVATE_SCHEME, "Within training distribution")
 OUTSIDE_DISTRIBUTION = hsr.CodedConcept("OUTDIST", PRIVATE_SCHEME,
                                         "Outside training distribution")
+INPUT_ASSESSMENT = hsr.CodedConcept("INPUTSERIES", PRIVATE_SCHEME,
+                                    "Input series assessment")
+RECOGNISED_FLAIR = hsr.CodedConcept("FLAIR", PRIVATE_SCHEME, "Recognised as T2-FLAIR")
+NOT_RECOGNISED_FLAIR = hsr.CodedConcept("NOTFLAIR", PRIVATE_SCHEME,
+                                        "Not recognised as T2-FLAIR (research override)")
 OOD_SCORE = hsr.CodedConcept("OODSCORE", PRIVATE_SCHEME,
                              "Out-of-distribution score (model output)")
 PROCEDURE_REPORTED = hsr.CodedConcept("24590-2", "LN", "Brain MRI")
@@ -126,6 +131,7 @@ def build_report(
     explanation: str = DEFAULT_EXPLANATION,
     distribution: Mapping[str, Any] | None = None,
     temperature: float | None = None,
+    flair_recognised: bool = True,
 ) -> hsr.ComprehensiveSR:
     """The Comprehensive SR of one result. ``header`` is a
     :func:`service.sanitize.reference_header` dataset: the report copies its patient and study
@@ -143,6 +149,8 @@ def build_report(
                   "explanation_normalisation=volume"]
     if temperature is not None:
         parameters.append(f"calibration_temperature={float(temperature):.4g}")
+    if not flair_recognised:
+        parameters.append("accept_non_flair=true")
     if distribution:
         parameters += [f"ood_method={clean_ascii(str(distribution['method']), 48)}",
                        f"ood_threshold={float(distribution['threshold']):.6g}"]
@@ -155,7 +163,9 @@ def build_report(
         for name, p in probabilities.items()
     ]
     evaluations = [hsr.QualitativeEvaluation(name=PREDICTED_CLASS,
-                                             value=class_concept(prediction))]
+                                             value=class_concept(prediction)),
+                   hsr.QualitativeEvaluation(name=INPUT_ASSESSMENT, value=RECOGNISED_FLAIR
+                                             if flair_recognised else NOT_RECOGNISED_FLAIR)]
     if distribution:
         measurements.append(hsr.Measurement(name=OOD_SCORE, value=float(distribution["score"]),
                                             unit=NO_UNITS, algorithm_id=algorithm))

@@ -88,6 +88,32 @@ def test_non_flair_is_refused_unless_overridden(phantom_series: PhantomFactory,
     analysis = analyse(parts, FakeEngine(), accept_non_flair=True)
     assert any(w.startswith("not_flair") for w in analysis.warnings)
     assert len(analysis.sc_instances) == 6
+    # the outputs must not look like those of a FLAIR analysis: JSON, SC and SR say so
+    assert analysis.to_json()["input"]["flair_recognised"] is False
+    sc_comments = str(analysis.sc_datasets()[0].ImageComments)
+    assert "NOT RECOGNISED AS FLAIR" in sc_comments and "FLAIRCAD_ACCEPT_NON_FLAIR" in sc_comments
+    report = analysis.sr_dataset()
+    assert "NOTFLAIR" in _sr_codes(report)
+    assert b"accept_non_flair=true" in analysis.sr_instance
+    # a FLAIR series says it was recognised, and its SC carries no override sentence
+    flair = analyse(iter_folder(phantom_series(slices=6)), FakeEngine())
+    assert flair.to_json()["input"]["flair_recognised"] is True
+    assert "NOT RECOGNISED" not in str(flair.sc_datasets()[0].ImageComments)
+    assert "FLAIR" in _sr_codes(flair.sr_dataset()) and "NOTFLAIR" not in _sr_codes(
+        flair.sr_dataset())
+
+
+def _sr_codes(report: pydicom.Dataset) -> set[str]:
+    codes: set[str] = set()
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            for concept in item.get("ConceptCodeSequence", []):
+                codes.add(str(concept.CodeValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(report.ContentSequence)
+    return codes
 
 
 def test_flaircad_analyze_end_to_end(phantom_series: PhantomFactory, tmp_path: Path) -> None:

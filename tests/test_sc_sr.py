@@ -264,7 +264,9 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
                                      abs=1e-6)
     assert all(m.unit.value == "1" and m.unit.scheme_designator == "UCUM"
                for m in group.get_measurements())
-    evaluation, distribution = group.get_qualitative_evaluations()
+    evaluation, input_series, distribution = group.get_qualitative_evaluations()
+    assert input_series.name.meaning == "Input series assessment"
+    assert input_series.value.meaning == "Recognised as T2-FLAIR"
     assert evaluation.name.meaning == "Predicted class (research model)"
     assert (evaluation.value.value, evaluation.value.scheme_designator) == ("CSVD", "99FLAIRCAD")
     assert distribution.name.meaning == "Training distribution assessment"
@@ -275,7 +277,7 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
     ms_report = highdicom.sr.ComprehensiveSR.from_dataset(ms.sr_dataset())
     (ms_group,) = highdicom.sr.MeasurementReport.from_sequence(
         ms_report.content).get_image_measurement_groups()
-    ms_evaluation, _ = ms_group.get_qualitative_evaluations()
+    ms_evaluation, *_ = ms_group.get_qualitative_evaluations()
     assert (ms_evaluation.value.value, ms_evaluation.value.scheme_designator) == (
         "24700007", "SCT")  # SNOMED CT: multiple sclerosis
 
@@ -387,7 +389,8 @@ def test_analysis_json_and_files(phantom_series: PhantomFactory, tmp_path: Path)
     result = analysis.to_json()
     assert list(result) == ["study_instance_uid", "series_instance_uid", "prediction",
                             "probabilities", "slice_weights", "explanation", "distribution",
-                            "model", "calibration", "outputs", "timings_ms", "warnings"]
+                            "input", "model", "calibration", "outputs", "timings_ms",
+                            "warnings"]
     assert result["model"] == {"name": "fake-model", "version": "9.9",
                                "provider": "FakeExecutionProvider"}
     assert result["explanation"] == {"map": "hirescam", "description": EXPLANATIONS["hirescam"]}
