@@ -4,6 +4,7 @@ carrying patient identifiers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,23 @@ import pydicom
 from prometheus_client.parser import text_string_to_metric_families
 
 FLAIRCAD = Path(sys.executable).with_name("flaircad")
+# process groups of every server started here; conftest checks at the end of the session that
+# none of them has a process left
+STARTED_GROUPS: list[int] = []
+
+
+def live_groups() -> list[int]:
+    """The started process groups that still have a process in them."""
+    alive = []
+    for group in STARTED_GROUPS:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        alive.append(group)
+    return alive
 
 
 def free_port() -> int:
@@ -63,8 +81,12 @@ class ServerProcess:
                     "FLAIRCAD_AUTH_DISABLED": "true"})
         env.update(self.env)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            # its own process group: with --workers the workers are children of it, and
+            # kill() must reach them too (a SIGKILLed parent leaves them listening)
             self.process = subprocess.Popen([str(FLAIRCAD), "serve", *self.args], env=env,
-                                            stdout=out, stderr=err, cwd=self.folder)
+                                            stdout=out, stderr=err, cwd=self.folder,
+                                            start_new_session=True)
+        STARTED_GROUPS.append(self.process.pid)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -94,14 +116,22 @@ class ServerProcess:
         if self.process.poll() is None:
             self.signal(signal.SIGTERM)
         try:
-            return self.wait(timeout)
+            status = self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        # a worker that outlived its parent would keep the port: the group goes too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return status
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        """SIGKILL the whole process group (the server and any worker processes)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
             self.process.wait(timeout=30)
 
     def rss_bytes(self) -> int:

@@ -8,9 +8,11 @@ CI can never go green by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,17 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> PhantomFactory:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_process_left_behind() -> Iterator[None]:
+    """Every `flaircad serve` a test started (tests/_server.py, each in its own process
+    group) is gone when the session ends; a leftover is killed and reported as an error."""
+    yield
+    from tests._server import live_groups
+
+    left = live_groups()
+    for group in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    assert not left, f"server process groups left running after the tests: {left}"

@@ -224,11 +224,11 @@ def dimse_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int
     env.update({"FLAIRCAD_SPOOL_DIR": str(spool), "FLAIRCAD_STABILITY_WINDOW_S": "1"})
     flaircad = Path(sys.executable).with_name("flaircad")
     log = tmp_path / "dimse.log"
+    echoscu = dcmtk("echoscu")  # may skip: before the process starts, so none is left behind
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [str(flaircad), "dimse", "--port", str(port), "--allow-calling-ae", "STORESCU"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    echoscu = dcmtk("echoscu")
 
     def answers() -> bool:
         assert process.poll() is None, log.read_text()

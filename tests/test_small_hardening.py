@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from service import sanitize
 from service.logs import sane_request_id
 from service.spool import safe_uid
 from tests._live import Live, free_port, related, running, settings_for
-from tests._server import FLAIRCAD
+from tests._server import FLAIRCAD, ServerProcess
 
 
 @pytest.mark.parametrize("value", ["1.2.3\n", "1.2.3\r\n", "\n1.2.3", "1.2.3\t", "1.2.3\x0b"])
@@ -102,3 +103,31 @@ def test_serve_on_a_busy_port_refuses_before_starting(tmp_path: Path) -> None:
     # one line, and no log record: the app never started
     assert len(result.stderr.strip().splitlines()) == 1 and "{" not in result.stderr
     assert not (tmp_path / "spool").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_killing_a_multi_worker_server_kills_its_workers(tmp_path: Path) -> None:
+    """tests/_server.py SIGKILLed only the parent of `--workers 2`: the workers lived on,
+    still listening. Each server now has its own process group, and kill() ends the group."""
+    server = ServerProcess(tmp_path, args=("--workers", "2")).start()
+    assert server.process is not None
+    workers = _children(server.process.pid)
+    assert workers, "no worker processes seen"
+    server.kill()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
