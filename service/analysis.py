@@ -175,20 +175,40 @@ def _skipped_summary(codes: Counter[str]) -> str:
     return f"{sum(codes.values())} file(s) skipped: {described}"
 
 
-def _one_series(series: list[Series], warnings: list[str]) -> Series:
+def _one_series(series: list[Series], warnings: list[str], *, wanted: str | None = None,
+                rules: RuleSet | None = None) -> Series:
+    """The one series to analyse: the only one, the one whose SeriesInstanceUID is ``wanted``,
+    or (given ``rules``) the only one of several that the FLAIR rules recognise."""
     if not series:
         raise AnalysisRejected(NO_SERIES, "no DICOM image series in the input", warnings)
+    if wanted is not None:
+        chosen = [s for s in series if s.series_instance_uid == wanted]
+        if not chosen:
+            raise AnalysisRejected(NO_SERIES, f"no series {sanitize.clean_ascii(wanted, 64)} "
+                                   f"in the input; it holds: {_listing(series)}", warnings)
+        if len(series) > 1:
+            warnings.append(f"{len(series)} series in the input; analysed the one asked for")
+        return chosen[0]
+    if len(series) > 1 and rules is not None:
+        flair = [s for s in series if rules.evaluate(selection_attributes(s.first)).is_flair]
+        if len(flair) == 1:
+            warnings.append(f"{len(series)} series in the input; analysed the only one the "
+                            f"FLAIR rules recognise, {flair[0].series_instance_uid}")
+            return flair[0]
     if len(series) > 1:
-        described = "; ".join(
-            f"{s.series_instance_uid} ({sanitize.clean_ascii(s.series_description, 64) or '-'},"
-            f" {s.n_instances} instance(s))" for s in series[:10]
-        )
         raise AnalysisRejected(
             MULTIPLE_SERIES,
-            f"{len(series)} series in the input; an analysis takes exactly one: {described}",
+            f"{len(series)} series in the input; an analysis takes exactly one (flaircad "
+            f"analyze --series UID picks one): {_listing(series)}",
             warnings,
         )
     return series[0]
+
+
+def _listing(series: list[Series]) -> str:
+    return "; ".join(
+        f"{s.series_instance_uid} ({sanitize.clean_ascii(s.series_description, 64) or '-'},"
+        f" {s.n_instances} instance(s))" for s in series[:10])
 
 
 def _series_number(ds: Dataset, offset: int) -> int:
@@ -251,10 +271,14 @@ def analyse(
     accept_non_flair: bool = False,
     limits: Limits | None = None,
     explanation: str = DEFAULT_EXPLANATION,
+    series_uid: str | None = None,
+    pick_flair: bool = False,
 ) -> Analysis:
     """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
     The overlays and the preview show the map ``explanation`` (a key of
     :data:`service.contract.EXPLANATIONS`; anything else is a ValueError, before any work).
+    ``series_uid`` picks one series of several; ``pick_flair`` lets several through when the
+    FLAIR rules recognise exactly one (what ``flaircad analyze`` does; the HTTP API refuses).
     Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series, or one
     larger than ``limits`` allow (checked on the headers, before any pixel is decoded)."""
     if explanation not in EXPLANATIONS:
@@ -268,7 +292,8 @@ def analyse(
     ingested = ingest(sources)
     if ingested.skipped:
         warnings.append(_skipped_summary(Counter(str(s.code) for s in ingested.skipped)))
-    series = _one_series(ingested.series, warnings)
+    series = _one_series(ingested.series, warnings, wanted=series_uid,
+                         rules=(rules or load_rules()) if pick_flair else None)
     if limits is not None:
         too_large = series_refusal((i.dataset for i in series.instances), limits)
         if too_large is not None:

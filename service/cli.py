@@ -263,7 +263,8 @@ def _analyze(args: argparse.Namespace) -> int:
     try:
         analysis = analyse(iter_folder(folder), engine, rules=rules,
                            accept_non_flair=args.accept_non_flair or settings.accept_non_flair,
-                           explanation=args.explanation or settings.explanation)
+                           explanation=args.explanation or settings.explanation,
+                           series_uid=args.series, pick_flair=True)
     except AnalysisRejected as rejected:
         print(json.dumps(rejected.to_json()), file=sys.stderr)
         return 3
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--rules", type=Path, default=None, metavar="JSON",
                          help="FLAIR selection rules (default: FLAIRCAD_FLAIR_RULES or the "
                          "packaged service/rules/flair.json)")
+    analyze.add_argument("--series", default=None, metavar="UID",
+                         help="the series to analyse when SERIES_DIR holds several (default: "
+                         "the only one, or the only one the FLAIR rules recognise)")
     analyze.add_argument("--accept-non-flair", action="store_true",
                          help="research override: analyse a series no FLAIR rule matches "
                          "(also FLAIRCAD_ACCEPT_NON_FLAIR=1)")

@@ -116,6 +116,42 @@ def _sr_codes(report: pydicom.Dataset) -> set[str]:
     return codes
 
 
+def test_a_study_folder_with_several_series(phantom_series: PhantomFactory,
+                                            tmp_path: Path) -> None:
+    """`flaircad analyze` on a study folder: the only FLAIR series is picked (the HTTP API,
+    without pick_flair, still refuses), --series picks any, and a refusal lists the series
+    with their descriptions."""
+    flair = phantom_series(slices=6)
+    study = tmp_path / "study"
+    _rewrite(flair, study / "flair")
+    t2_uid = "1.2.826.0.1.3680043.8.498.7001"
+    _rewrite(flair, study / "t2", SeriesInstanceUID=t2_uid, SeriesDescription="AX T2 TSE",
+             ProtocolName="AX T2 TSE", SequenceName="*tse2d1_15", ScanningSequence="SE",
+             SequenceVariant="SK", ScanOptions=None, InversionTime=None,
+             SOPInstanceUID=None)
+    for index, path in enumerate(sorted((study / "t2").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{t2_uid}.{index + 1}"
+        ds.save_as(path)
+    refused = _refusal(iter_folder(study))
+    assert refused.code == "multiple_series"
+    assert "AX T2 TSE" in refused.message and t2_uid in refused.message
+    assert "--series" in refused.message
+    picked = analyse(iter_folder(study), FakeEngine(), pick_flair=True)
+    assert picked.series_instance_uid != t2_uid
+    assert any("the only one the FLAIR rules recognise" in w for w in picked.warnings)
+    chosen = analyse(iter_folder(study), FakeEngine(), series_uid=t2_uid,
+                     accept_non_flair=True)
+    assert chosen.series_instance_uid == t2_uid and len(chosen.sc_instances) == 6
+    with pytest.raises(AnalysisRejected) as missing:
+        analyse(iter_folder(study), FakeEngine(), series_uid="1.2.3.4")
+    assert missing.value.code == "no_series" and t2_uid in missing.value.message
+    out = tmp_path / "out"
+    assert main(["analyze", str(study), "--out", str(out), "--series", t2_uid,
+                 "--accept-non-flair"]) == 0
+    assert json.loads((out / "result.json").read_text())["series_instance_uid"] == t2_uid
+
+
 def test_flaircad_analyze_end_to_end(phantom_series: PhantomFactory, tmp_path: Path) -> None:
     folder = phantom_series()
     out = tmp_path / "out"
