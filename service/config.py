@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     max_series_bytes: int = Field(
         1024**3, gt=0, description="largest decoded series: Rows x Columns x frames x samples "
         "x bytes per sample, summed over its instances")
+    wado_max_frames: int = Field(
+        5000, ge=1, description="most distinct frames in one WADO-RS frames request (a frame "
+        "named twice is sent once); HTTP 400 too_many_frames beyond. The default is "
+        "max_instances_per_series: a result with one frame per slice of the largest accepted "
+        "series comes in one request")
     # -- security (README: Security; docs/SECURITY.md) -----------------------------------------
     auth_disabled: bool = Field(
         False, description="serve without authentication (a warning at start-up); only for a "

@@ -13,21 +13,25 @@ in their stored transfer syntax (Explicit VR Little Endian); a request for anoth
 * ``GET …/series/{series}/metadata``, ``…/instances/{sop}/metadata`` — DICOM JSON, Pixel Data
   as a BulkDataURI to the frames;
 * ``GET …/instances/{sop}/frames/{frames}`` — ``multipart/related;
-  type="application/octet-stream"``, the native pixels of each frame.
+  type="application/octet-stream"``, the native pixels of each frame. A frame asked for more
+  than once is sent once, where it is first named (``1,1,1`` is ``1``; ``3,1,3`` is ``3,1``);
+  more than ``wado_max_frames`` distinct frames is 400 ``too_many_frames``. The parts are
+  streamed straight from the file, one frame in memory at a time.
 """
 
 from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 
 from service import audit, logs
 from service.api.deps import Runtime, runtime
@@ -159,20 +163,27 @@ def _negotiate(request: Request, part_type: str, transfer_syntaxes: Iterable[str
                   title="Not acceptable")
 
 
+def _part_head(boundary: str, headers: dict[str, str], length: int) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"--{boundary}\r\n{head}Content-Length: {length}\r\n\r\n".encode()
+
+
+def _multipart_type(boundary: str, part_type: str, transfer_syntax: str | None) -> str:
+    if transfer_syntax:
+        return f'multipart/related; type="{part_type}"; transfer-syntax={transfer_syntax}; ' \
+               f"boundary={boundary}"
+    return f'multipart/related; type="{part_type}"; boundary={boundary}'
+
+
 def _multipart(parts: list[tuple[bytes, dict[str, str]]], part_type: str,
                transfer_syntax: str | None = None) -> Response:
     boundary = uuid.uuid4().hex
     chunks: list[bytes] = []
     for body, headers in parts:
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        chunks += [f"--{boundary}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode(),
-                   body, b"\r\n"]
+        chunks += [_part_head(boundary, headers, len(body)), body, b"\r\n"]
     chunks.append(f"--{boundary}--\r\n".encode())
-    media = f'multipart/related; type="{part_type}"; boundary={boundary}'
-    if transfer_syntax:
-        media = f'multipart/related; type="{part_type}"; transfer-syntax={transfer_syntax}; ' \
-                f"boundary={boundary}"
-    return Response(b"".join(chunks), media_type=media)
+    return Response(b"".join(chunks),
+                    media_type=_multipart_type(boundary, part_type, transfer_syntax))
 
 
 def _dicom_parts(request: Request, instances: list[_Instance]) -> Response:
@@ -296,22 +307,90 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
                     rt: Annotated[Runtime, Depends(runtime)]) -> Response:
     instance = _instance(rt, study, series, sop)
     try:
-        numbers = [int(n) for n in frames.split(",")]
+        # a frame named twice is sent once, where it is first named (PS3.18 asks for a list;
+        # a repeat adds nothing and turned an 8 KiB URL into a 745 MiB response)
+        numbers = list(dict.fromkeys(int(n) for n in frames.split(",")))
     except ValueError:
         raise Problem(400, "invalid_frames", "frames: comma-separated numbers from 1") from None
+    limit = rt.settings.wado_max_frames
+    if len(numbers) > limit:
+        raise Problem(400, "too_many_frames", f"{len(numbers)} distinct frames exceed {limit} "
+                      "per request (FLAIRCAD_WADO_MAX_FRAMES)")
     _negotiate(request, "application/octet-stream", {instance.transfer_syntax})
-    dataset = dcmread(instance.path)
-    if "PixelData" not in dataset or instance.transfer_syntax not in _NATIVE:
-        raise Problem(404, "no_frames", "this instance has no native pixel data")
-    count = int(dataset.get("NumberOfFrames", 1) or 1)
-    size = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.SamplesPerPixel)
-            * int(dataset.BitsAllocated) // 8)
-    if not numbers or any(n < 1 or n > count for n in numbers):
-        raise Problem(404, "frame_not_found", f"this instance has {count} frame(s)")
-    pixels = bytes(dataset.PixelData)
-    parts = [(pixels[(n - 1) * size:n * size],
-              {"Content-Type": "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"})
-             for n in numbers]
-    response = _multipart(parts, "application/octet-stream", "1.2.840.10008.1.2.1")
+    handle = instance.path.open("rb")  # held open: the stream outlives a retention sweep
+    try:
+        # Pixel Data stays on disk (deferred): only its offset and length are read here
+        dataset = dcmread(handle, defer_size=_DEFER_BYTES)
+        if "PixelData" not in dataset or instance.transfer_syntax not in _NATIVE:
+            raise Problem(404, "no_frames", "this instance has no native pixel data")
+        count = int(dataset.get("NumberOfFrames", 1) or 1)
+        size = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.SamplesPerPixel)
+                * int(dataset.BitsAllocated) // 8)
+        if not numbers or any(n < 1 or n > count for n in numbers):
+            raise Problem(404, "frame_not_found", f"this instance has {count} frame(s)")
+        read = _pixel_reader(dataset, handle)
+    except BaseException:
+        handle.close()
+        raise
+    response = _frames_response(read, numbers, size)
     _audit_read(request, rt, "wado_frames", [instance])
     return response
+
+
+# elements longer than this stay in the file when an instance is opened for its frames
+_DEFER_BYTES = 4096
+_FRAME_PART = {"Content-Type": "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"}
+
+
+class _PixelReader:
+    """Reads byte ranges of the Pixel Data value: from the open file where pydicom deferred
+    it, from memory where it was small enough to be read."""
+
+    def __init__(self, handle: Any, length: int, offset: int | None = None,
+                 data: bytes | None = None) -> None:
+        self.handle, self.length, self.offset, self.data = handle, length, offset, data
+
+    def __call__(self, start: int, length: int) -> bytes:
+        if self.data is not None:
+            return self.data[start:start + length]
+        assert self.offset is not None
+        self.handle.seek(self.offset + start)
+        return bytes(self.handle.read(length))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _pixel_reader(dataset: Any, handle: Any) -> _PixelReader:
+    raw = dataset.get_item("PixelData", keep_deferred=True)
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.value_tell is not None:
+        return _PixelReader(handle, int(raw.length), offset=int(raw.value_tell))
+    data = bytes(dataset.PixelData)
+    return _PixelReader(handle, len(data), data=data)
+
+
+def _frames_response(read: _PixelReader, numbers: list[int], size: int) -> Response:
+    """The frames as ``multipart/related``, streamed: each part is read from the file as it is
+    sent, so memory holds one frame whatever the request. The bytes (boundary, part headers,
+    ``Content-Length``) are those of :func:`_multipart` for the same parts."""
+    boundary = uuid.uuid4().hex
+    # frame n is bytes [(n-1) x size, n x size) of the value, cut short where the value ends
+    spans = [((n - 1) * size, max(0, min(n * size, read.length) - (n - 1) * size))
+             for n in numbers]
+    heads = [_part_head(boundary, _FRAME_PART, length) for _, length in spans]
+    closing = f"--{boundary}--\r\n".encode()
+    total = sum(len(head) + length + 2 for head, (_, length) in zip(heads, spans, strict=True))
+
+    def body() -> Iterator[bytes]:
+        try:
+            for head, (start, length) in zip(heads, spans, strict=True):
+                yield head
+                yield read(start, length)
+                yield b"\r\n"
+            yield closing
+        finally:
+            read.close()
+
+    return StreamingResponse(
+        body(), headers={"Content-Length": str(total + len(closing))},
+        media_type=_multipart_type(boundary, "application/octet-stream", "1.2.840.10008.1.2.1"))
