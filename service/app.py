@@ -148,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await scheduler.stop(settings.shutdown_grace_s)
             await pacs.stop()
             app.state.runtime = None
+            audit.trail(settings).flush(force=True)  # the refusal counts of the open window
             store.close()
             metrics.mark_this_process_dead()
 

@@ -149,6 +149,22 @@ class Settings(BaseSettings):
         "closed")
     audit_log: Path | None = Field(
         None, description="the audit trail (JSON lines); default: audit.jsonl in the spool")
+    audit_max_bytes: int = Field(
+        32 * 1024**2, ge=0, description="the audit trail is rotated (renamed audit.jsonl.1, "
+        ".1 to .2, ...) before a line would take it past this size; with "
+        "FLAIRCAD_AUDIT_BACKUPS it bounds the trail's bytes at about (backups + 1) x this; 0: "
+        "never rotated by the service (rotate it outside, e.g. logrotate)")
+    audit_backups: int = Field(
+        10, ge=0, description="rotated audit files kept (audit.jsonl.1 newest ... .N oldest); "
+        "the oldest is dropped on rotation; 0: the full file is dropped")
+    audit_refusal_window_s: float = Field(
+        60.0, ge=0, description="refused requests (401 auth_failed) are audited per window of "
+        "this many seconds and per (reason, client address): the first as its own line, the "
+        "others as one auth_failed_repeated line with their count when the window closes; 0: "
+        "one line per refusal (unbounded under a flood)")
+    audit_refusal_max_keys: int = Field(
+        256, ge=1, description="most (reason, client address) counters per refusal window; "
+        'refusals from further addresses are counted together under client "*"')
 
     @field_validator("explanation", mode="before")
     @classmethod

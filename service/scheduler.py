@@ -65,6 +65,7 @@ class SpoolFull(Saturated):
     def __init__(self, retry_after_s: int, fill: float, limit: float) -> None:
         super().__init__(retry_after_s, f"the spool volume is {fill:.1%} full (limit "
                          f"{limit:.1%}, FLAIRCAD_SPOOL_MAX_FILL); retry after {retry_after_s} s")
+        self.fill, self.limit = fill, limit
 
 
 class Draining(Saturated):
@@ -229,14 +230,16 @@ class Scheduler:
         if self.saturated:
             raise Saturated(self.settings.retry_after_s)
 
-    def check_spool_space(self) -> None:
-        """:class:`SpoolFull` when the spool's file system is past the watermark."""
+    def check_spool_space(self) -> float | None:
+        """:class:`SpoolFull` when the spool's file system is past the watermark; else its
+        fill (None: unknown). STOW-RS, uploads and readiness all ask this."""
         try:
             fill = self.spool.fill()
         except OSError:  # cannot tell: the write itself will say
-            return
+            return None
         if fill >= self.settings.spool_max_fill:
             raise SpoolFull(self.settings.retry_after_s, fill, self.settings.spool_max_fill)
+        return fill
 
     # -- input -------------------------------------------------------------------------------
     def note_arrival(self, key: SeriesKey) -> None:

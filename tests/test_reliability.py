@@ -287,8 +287,10 @@ def test_a_full_spool_volume_refuses_new_data_with_503(
         tmp_path: Path, phantom_series: PhantomFactory) -> None:
     files = _files(phantom_series(label="MS", seed=81))
     body, headers = related([p.read_bytes() for p in files[:2]])
-    with running(settings_for(tmp_path / "spool", spool_max_fill=1e-6,
-                              retry_after_s=11)) as live:
+    with running(settings_for(tmp_path / "spool", retry_after_s=11)) as live:
+        # past the watermark once ready (readiness itself says 503 spool_full then)
+        live.runtime.settings.spool_max_fill = 1e-6
+        assert live.get("/readyz").status_code == 503
         for path in ("/dicomweb/studies", "/v1/analyses"):
             refused = live.post(path, content=body, headers=headers)
             assert refused.status_code == 503, refused.text

@@ -104,7 +104,7 @@ class SpooledBody:
 
 async def spool_parts(request: Request, media: MediaType, folder: Path, *, limit: int,
                       max_part_bytes: int, max_parts: int,
-                      check_space: Callable[[], None] | None = None) -> SpooledBody:
+                      check_space: Callable[[], object] | None = None) -> SpooledBody:
     """Stream the body into part files under ``folder`` (see the module docstring). On any
     refusal the folder is removed and a :class:`Problem` raised (``check_space`` raises its
     own exception, which the caller turns into its answer)."""

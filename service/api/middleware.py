@@ -66,7 +66,10 @@ class RequestContext:
                                          status=str(status)).observe(duration)
             client: Any = scope.get("client")
             # route template, not the path; no query string (it can hold a StudyInstanceUID)
-            level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+            # A 401 is logged (and audited) by the authentication, once per window and client
+            # address: a flood of requests without a key must not cost a line each.
+            quiet = (route in QUIET_ROUTES and status < 400) or status == 401
+            level = logging.DEBUG if quiet else logging.INFO
             log.log(level, "request", extra={
                 "method": method, "route": route, "status": status,
                 "duration_ms": round(duration * 1000, 1),

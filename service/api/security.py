@@ -5,8 +5,10 @@ STOW-RS bodies, and they run before any route or body parsing).
   (:mod:`service.auth`) except :data:`PUBLIC_ROUTES` (probes and scrapes come from the
   platform, without credentials, and say nothing about patients). A refusal is a 401
   problem+json with ``WWW-Authenticate: Bearer`` (RFC 6750), sent before the body is read; it
-  is logged and audited without the token. The caller is put into the request's state
-  (``request.state.principal``) for the routes and the audit trail.
+  is logged and audited without the token, the repeats of one reason and client address within
+  ``FLAIRCAD_AUDIT_REFUSAL_WINDOW_S`` as a count (:meth:`service.audit.AuditLog.refusal`).
+  The caller is put into the request's state (``request.state.principal``) for the routes and
+  the audit trail.
 * :class:`SecurityHeaders`: on every response ``X-Content-Type-Options: nosniff``,
   ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY``,
   ``Cross-Origin-Resource-Policy: same-origin``, ``Cache-Control: no-store`` (results are
@@ -81,13 +83,17 @@ class Authentication:
         challenge = 'Bearer realm="flaircad"'
         if error.error:
             challenge += f', error="{error.error}"'
-        log.warning("authentication failed", extra={
-            "reason": error.error or "no_credentials", "client": client_of(scope),
-            "method": scope.get("method")})
+        reason, client = error.error or "no_credentials", client_of(scope)
+        # Counted, not written one by one (service.audit): a flood without a key costs a
+        # dictionary update per request, no disk write and no log line but the window's first.
+        first = True
         if self.audit is not None:
-            self.audit.write("auth_failed", reason=error.error or "no_credentials",
-                             detail=error.detail, client=client_of(scope),
-                             method=scope.get("method"), request_id=logs.REQUEST_ID.get())
+            first = self.audit.refusal("auth_failed", reason=reason, client=client,
+                                       method=scope.get("method"), detail=error.detail,
+                                       request_id=logs.REQUEST_ID.get())
+        if first:
+            log.warning("authentication failed", extra={
+                "reason": reason, "client": client, "method": scope.get("method")})
         problem = Problem(401, "unauthorized", error.detail,
                           headers={"WWW-Authenticate": challenge})
         await problem_response(problem, str(scope.get("path", ""))[:200])(scope, receive, send)

@@ -14,6 +14,7 @@ from service import metrics
 from service.api.deps import Runtime, runtime
 from service.api.schemas import Explanation, Health, ModelDescription
 from service.contract import EXPLANATIONS
+from service.scheduler import SpoolFull
 
 router = APIRouter(tags=["system"])
 
@@ -53,11 +54,21 @@ def readyz(request: Request) -> Response:
     except OSError as error:  # the code only: the message would carry the path
         checks["spool"] = {"ok": False,
                            "error": errno.errorcode.get(error.errno or 0, type(error).__name__)}
+    # The watermark STOW-RS and uploads refuse at (503 spool_full): past it this instance
+    # takes no new data, so it is not ready either; ready again once space is freed.
+    max_fill = rt.settings.spool_max_fill
+    try:
+        fill = scheduler.check_spool_space()
+        checks["spool_space"] = {"ok": True, "max_fill": max_fill,
+                                 "fill": None if fill is None else round(fill, 4)}
+    except SpoolFull as full:
+        checks["spool_space"] = {"ok": False, "error": full.code, "max_fill": max_fill,
+                                 "fill": round(full.fill, 4)}
     if scheduler.draining:
         status = "draining"
     elif all(check["ok"] for check in checks.values()):
         status = "ready"
-    elif not checks["queue"]["ok"] and checks["spool"]["ok"]:
+    elif not checks["queue"]["ok"] and checks["spool"]["ok"] and checks["spool_space"]["ok"]:
         status = "saturated"
     else:
         status = "unready"
