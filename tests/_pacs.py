@@ -300,3 +300,17 @@ def flaircad_settings(spool: Path, **overrides: Any) -> Settings:
                               "delivery_backoff_max_s": 2.0, **auth_settings()}
     values.update(overrides)
     return Settings(**values)
+
+
+def analyse_upload(server: Flaircad, folder: Path) -> dict[str, Any]:
+    """POST a series folder to ``/v1/analyses`` (multipart/form-data) and return the finished
+    analysis' JSON."""
+    import httpx
+
+    files = [("files", (p.name, p.read_bytes(), "application/dicom"))
+             for p in sorted(folder.glob("*.dcm"))]
+    response = httpx.post(server.url + "/v1/analyses", files=files, headers=auth_headers(),
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service import audit
-from tests._pacs import Flaircad, auth_headers, flaircad_settings, free_port
+from tests._pacs import Flaircad, analyse_upload, auth_headers, flaircad_settings, free_port
 from tests.conftest import PhantomFactory
 
 SLICES = 12
@@ -23,13 +23,7 @@ def done(tmp_path_factory: pytest.TempPathFactory, phantom_series: PhantomFactor
          ) -> Iterator[tuple[Flaircad, dict[str, Any]]]:
     server = Flaircad(flaircad_settings(tmp_path_factory.mktemp("wado-spool")),
                       free_port()).start()
-    folder = phantom_series(label="MS", seed=91, slices=SLICES)
-    files = [("files", (p.name, p.read_bytes(), "application/dicom"))
-             for p in sorted(folder.glob("*.dcm"))]
-    response = httpx.post(server.url + "/v1/analyses", files=files, headers=auth_headers(),
-                          timeout=120)
-    assert response.status_code == 200, response.text
-    yield server, response.json()
+    yield server, analyse_upload(server, phantom_series(label="MS", seed=91, slices=SLICES))
     server.stop()
 
 

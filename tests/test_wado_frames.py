@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from service.config import Settings
-from tests._pacs import Flaircad, auth_headers, flaircad_settings, free_port
+from tests._pacs import Flaircad, analyse_upload, auth_headers, flaircad_settings, free_port
 from tests.conftest import PhantomFactory
 
 SLICES = 12
@@ -38,13 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, phantom_series: PhantomFact
     settings = flaircad_settings(tmp_path_factory.mktemp("wado-frames-spool"),
                                  wado_max_frames=MAX_FRAMES)
     server = Flaircad(settings, free_port()).start()
-    folder = phantom_series(label="MS", seed=91, slices=SLICES)
-    files = [("files", (p.name, p.read_bytes(), "application/dicom"))
-             for p in sorted(folder.glob("*.dcm"))]
-    response = httpx.post(server.url + "/v1/analyses", files=files, headers=auth_headers(),
-                          timeout=120)
-    assert response.status_code == 200, response.text
-    analysis = response.json()
+    analysis = analyse_upload(server, phantom_series(label="MS", seed=91, slices=SLICES))
     results = Path(settings.spool_dir) / "results" / analysis["analysis_id"]
     first = sorted((results / "sc").glob("*.dcm"))[0]
     single = dcmread(first)
