@@ -279,10 +279,9 @@ class AuditLog:
 def trail(settings: Any) -> AuditLog:
     """The audit log the settings name (one object per path; its bounds from the settings)."""
     path = Path(settings.audit_log or Path(settings.spool_dir) / "audit.jsonl")
-    bounds = {"max_bytes": getattr(settings, "audit_max_bytes", 0),
-              "backups": getattr(settings, "audit_backups", 0),
-              "refusal_window_s": getattr(settings, "audit_refusal_window_s", 60.0),
-              "refusal_max_keys": getattr(settings, "audit_refusal_max_keys", 256)}
+    bounds = {"max_bytes": settings.audit_max_bytes, "backups": settings.audit_backups,
+              "refusal_window_s": settings.audit_refusal_window_s,
+              "refusal_max_keys": settings.audit_refusal_max_keys}
     with _trails_lock:
         if path not in _trails:
             _trails[path] = AuditLog(path, **bounds)

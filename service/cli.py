@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
             # h11 with bounded heads and timeouts (service/http_limits.py): httptools bounds
             # neither the request line nor the headers
             http="service.http_limits:BoundedH11Protocol",
+            h11_max_incomplete_event_size=settings.http_max_header_bytes,
             # connections still open once the analyses have drained get this long
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
     finally:

@@ -15,7 +15,8 @@ head is never buffered whole here):
 
 The limits come from the ``FLAIRCAD_HTTP_*`` settings (read once per process, so each uvicorn
 worker applies the same ones). h11's own incomplete-event bound is set to ``max_header_bytes``
-too, as a backstop for pipelined requests, whose heads after the first are not scanned here.
+too (`flaircad serve` passes it to uvicorn), as a backstop for pipelined requests, whose heads
+after the first are not scanned here.
 """
 
 from __future__ import annotations
@@ -59,10 +60,8 @@ class BoundedH11Protocol(H11Protocol):
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        limits = self.current_limits()
-        config.h11_max_incomplete_event_size = limits.max_header_bytes
         super().__init__(config, server_state, app_state, _loop)
-        self._limits = limits
+        self._limits = self.current_limits()
         self._in_head = True
         self._line_bytes = self._head_bytes = self._lines = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -100,8 +99,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            rest = self._scan_head(data)
-            if rest is None:
+            if not self._scan_head(data):
                 return  # refused: the connection is closing
             if not self._in_head:
                 self._arm_body_timer()
@@ -118,9 +116,9 @@ class BoundedH11Protocol(H11Protocol):
         self._head_timer = self.loop.call_later(self._limits.header_timeout_s,
                                                 self._head_timed_out)
 
-    def _scan_head(self, data: bytes) -> bytes | None:
-        """Count the head's lines and bytes in ``data``; None when the request is refused, else
-        what follows the head in ``data`` (b"" while the head goes on)."""
+    def _scan_head(self, data: bytes) -> bool:
+        """Count the head's lines and bytes in ``data``; False when the request is refused
+        (the answer is sent and the connection closing)."""
         limits, start = self._limits, 0
         while True:
             newline = data.find(b"\n", start)
@@ -128,11 +126,11 @@ class BoundedH11Protocol(H11Protocol):
             self._line_bytes += end - start
             self._head_bytes += end - start + (newline >= 0)
             if self._lines == 0 and self._line_bytes > limits.max_url_bytes:
-                return self._refuse(414, "request line over the limit")
+                return self._refused(414, "request line over the limit")
             if self._head_bytes > limits.max_header_bytes:
-                return self._refuse(431, "request headers over the size limit")
+                return self._refused(431, "request headers over the size limit")
             if newline < 0:
-                return b""
+                return True
             blank = self._line_bytes <= 1  # "" or "\r"
             self._line_bytes, start = 0, newline + 1
             if self._lines == 0:
@@ -142,24 +140,24 @@ class BoundedH11Protocol(H11Protocol):
             if blank:  # the end of the head
                 self._in_head = False
                 self._cancel_head_timer()
-                return data[start:]
+                return True
             self._lines += 1
             if self._lines - 1 > limits.max_header_count:
-                return self._refuse(431, "too many request header lines")
+                return self._refused(431, "too many request header lines")
 
-    def _refuse(self, status: int, detail: str) -> None:
+    def _refused(self, status: int, detail: str) -> bool:
         self._cancel_timers()
         logger.warning("refused a request before its head was read",
                        extra={"status": status, "reason": detail})
         if not self.transport.is_closing():
             self.transport.write(_problem(status, detail))
             self.transport.close()
-        return None
+        return False
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
-            self._refuse(408, "request head not received in time")
+            self._refused(408, "request head not received in time")
 
     # -- the body ------------------------------------------------------------------------
 
