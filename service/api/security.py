@@ -9,6 +9,12 @@ STOW-RS bodies, and they run before any route or body parsing).
   ``FLAIRCAD_AUDIT_REFUSAL_WINDOW_S`` as a count (:meth:`service.audit.AuditLog.refusal`).
   The caller is put into the request's state (``request.state.principal``) for the routes and
   the audit trail.
+* :class:`RequireScope`: what the caller may do. Every route but the probes declares the scope
+  it needs (``store``: STOW-RS, ``POST /v1/analyses``; ``read``: results, WADO-RS, QIDO-RS;
+  none: ``/v1/model``, the docs); a caller without it gets 403 ``insufficient_scope`` with
+  ``WWW-Authenticate: Bearer …, error="insufficient_scope", scope="…"`` (RFC 6750 §3.1),
+  before the body is read, audited as an ``auth_failed`` refusal (reason
+  ``insufficient_scope``, counted per window like the 401s).
 * :class:`SecurityHeaders`: on every response ``X-Content-Type-Options: nosniff``,
   ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY``,
   ``Cross-Origin-Resource-Policy: same-origin``, ``Cache-Control: no-store`` (results are
@@ -22,15 +28,19 @@ STOW-RS bodies, and they run before any route or body parsing).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+import fastapi.routing
+from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
-from service.api.problems import Problem, problem_response
+from service import audit, logs
+from service.api.deps import Runtime, runtime
+from service.api.middleware import route_template
+from service.api.problems import PROBLEM_JSON, Problem, problem_response
 from service.audit import AuditLog
-from service.auth import ANONYMOUS, Authenticator, AuthError, Principal
+from service.auth import ANONYMOUS, SCOPES, Authenticator, AuthError, Principal
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +109,63 @@ class Authentication:
         await problem_response(problem, str(scope.get("path", ""))[:200])(scope, receive, send)
 
 
+class RequireScope:
+    """The scope a route needs, as its dependency: ``dependencies=[Depends(RequireScope("read"))]``
+    (``None``: any authenticated caller). Runs before the route reads its body."""
+
+    def __init__(self, scope: str | None) -> None:
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
+        self.scope = scope
+
+    async def __call__(self, request: Request,
+                       rt: Annotated[Runtime, Depends(runtime)]) -> None:
+        principal = principal_of(request)
+        if self.scope is None or self.scope in principal.scopes:
+            return
+        client = client_of(request.scope)
+        # counted per (reason, client) and window, as the 401s: a key probing routes it may
+        # not use writes one line per window, not one per request
+        first = audit.trail(rt.settings).refusal(
+            "auth_failed", reason="insufficient_scope", client=client, method=request.method,
+            who=principal.id, scope=self.scope, route=route_template(request.scope),
+            request_id=logs.REQUEST_ID.get())
+        if first:
+            log.warning("authorisation refused", extra={
+                "reason": "insufficient_scope", "scope": self.scope, "client": client,
+                "method": request.method, "route": route_template(request.scope)})
+        raise Problem(403, "insufficient_scope",
+                      f"this route needs the {self.scope!r} scope, which the bearer token does "
+                      "not have", title="Forbidden", required_scope=self.scope, headers={
+                          "WWW-Authenticate": f'Bearer realm="flaircad", '
+                          f'error="insufficient_scope", scope="{self.scope}"'})
+
+
+READ_SCOPE = Depends(RequireScope("read"))
+STORE_SCOPE = Depends(RequireScope("store"))
+ANY_SCOPE = Depends(RequireScope(None))
+
+
+def route_scopes(app: FastAPI) -> dict[tuple[str, str], str | None]:
+    """(path template, lower-case method) → the scope its :class:`RequireScope` asks for, of
+    every route that declares one."""
+    found: dict[tuple[str, str], str | None] = {}
+    for route in _routes(app):
+        dependant = getattr(route, "dependant", None)
+        for dependency in getattr(dependant, "dependencies", ()):
+            if isinstance(dependency.call, RequireScope):
+                for method in getattr(route, "methods", None) or ():
+                    found[(str(route.path_format), method.lower())] = dependency.call.scope
+    return found
+
+
+def _routes(app: FastAPI) -> Iterable[Any]:
+    """The app's routes with their full paths and dependencies: newer FastAPI keeps included
+    routers nested (``iter_route_contexts`` flattens them), older ones copy their routes."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(app.routes) if flatten is None else list(flatten(app.routes))
+
+
 class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -126,7 +193,8 @@ class SecurityHeaders:
 
 def document_security(app: FastAPI) -> None:
     """Declare the bearer scheme in the OpenAPI document: required on every operation except
-    :data:`PUBLIC_ROUTES`, each of which may then answer 401."""
+    :data:`PUBLIC_ROUTES`, each of which may then answer 401; an operation that needs a scope
+    says which in ``x-flaircad-scope`` and may answer 403."""
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -145,6 +213,15 @@ def document_security(app: FastAPI) -> None:
                 operation.setdefault("responses", {}).setdefault("401", {
                     "description": "no or invalid bearer token (WWW-Authenticate: Bearer)",
                     "content": {"application/problem+json": {}}})
+        for (path, method), scope in route_scopes(app).items():
+            operation = schema.get("paths", {}).get(path, {}).get(method)
+            if operation is None or scope is None:
+                continue
+            operation["x-flaircad-scope"] = scope
+            operation.setdefault("responses", {}).setdefault("403", {
+                "description": f"the bearer token lacks the {scope!r} scope "
+                "(insufficient_scope; WWW-Authenticate says which)",
+                "content": {PROBLEM_JSON: {}}})
         app.openapi_schema = schema
         return schema
 

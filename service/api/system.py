@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service import metrics
 from service.api.deps import Runtime, runtime
 from service.api.schemas import Explanation, Health, ModelDescription
+from service.api.security import ANY_SCOPE
 from service.contract import EXPLANATIONS
 from service.scheduler import SpoolFull
 
@@ -76,7 +77,9 @@ def readyz(request: Request) -> Response:
                         status_code=200 if status == "ready" else 503)
 
 
-@router.get("/v1/model", response_model=ModelDescription, summary="The loaded model")
+# no patient data: any authenticated caller (a store-only PACS may check the version)
+@router.get("/v1/model", response_model=ModelDescription, summary="The loaded model",
+            dependencies=[ANY_SCOPE])
 def model(rt: Annotated[Runtime, Depends(runtime)]) -> ModelDescription:
     info = rt.engine.info
     return ModelDescription(
