@@ -54,7 +54,7 @@ from service.flair import RuleSet, flair_rejection, load_rules, selection_attrib
 from service.ingest import Code, Series, Source, ingest
 from service.limits import Limits, series_refusal
 from service.preprocess import preprocess
-from service.volume import SeriesVolume, convert
+from service.volume import SeriesVolume, SliceSource, convert
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def _slice_label(volume: SeriesVolume, k: int) -> str:
     return label + (f" f{s.frame_number}" if s.frame_number is not None else "")
 
 
-def _source_images(series: Series, volume: SeriesVolume, order: list[int],
+def _source_images(series: Series, slices: Sequence[SliceSource], order: list[int],
                    warnings: list[str]) -> list[sc.SourceImage]:
     """The source image (and frame) of each output slice; UIDs that cannot be written as UIDs
     make the series unusable (every output references them)."""
@@ -249,7 +249,7 @@ def _source_images(series: Series, volume: SeriesVolume, order: list[int],
     images = []
     nonconformant = 0
     for k in order:
-        s = volume.slices[k]
+        s = slices[k]
         uid = sanitize.clean_uid(s.sop_instance_uid)
         if uid is None or uid not in classes:
             raise AnalysisRejected(
@@ -261,6 +261,16 @@ def _source_images(series: Series, volume: SeriesVolume, order: list[int],
         warnings.append(f"{nonconformant} source SOP Instance UID(s) are not conformant UIDs "
                         "(referenced as they are)")
     return images
+
+
+def _release_pixel_data(series: Series) -> None:
+    """Drop the source pixel bytes once the volume holds them: uncompressed, they cost 2
+    bytes a voxel (16-bit) of the analysis' peak memory; nothing after the volume stage reads
+    them (the outputs take the headers only)."""
+    for instance in series.instances:
+        for tag in (0x7FE00008, 0x7FE00009, 0x7FE00010):  # Float, Double Float, Pixel Data
+            if tag in instance.dataset:
+                del instance.dataset[tag]
 
 
 def analyse(
@@ -317,6 +327,8 @@ def analyse(
         assert rejection is not None
         raise AnalysisRejected(rejection.code, rejection.message, warnings)
     volume = outcome.volume
+    del outcome  # the volume is referenced from here only (peak memory: see service.limits)
+    _release_pixel_data(series)
     clock.lap("volume")
 
     info = engine.info
@@ -353,6 +365,12 @@ def analyse(
         warnings.append(f"the {label} map is zero everywhere: the overlays show no colour")
     weights = np.asarray([rendered.slice_weights[k] for k in order], dtype=np.float64)
     weights = weights / weights.sum()
+    images, preview = [rendered.overlays[k] for k in order], rendered.preview_png
+    slices, affine_lps = volume.slices, volume.affine_lps
+    volume_series_uid = volume.info.series_instance_uid
+    # The float32 volume and the CAM (4 bytes a voxel each) are not needed to encode: freed
+    # before the Secondary Captures copy the overlays (peak memory: see service.limits).
+    del rendered, prepared, volume
     clock.lap("render")
 
     # encode: Secondary Capture series and SR, from cleaned copies of the source header
@@ -362,17 +380,18 @@ def analyse(
     except ValueError as error:
         raise AnalysisRejected(INVALID_UID, str(error), warnings) from error
     warnings.extend(header.warnings)
-    sources_in_order = _source_images(series, volume, order, warnings)
+    sources_in_order = _source_images(series, slices, order, warnings)
     model = sc.ModelIdentity(info.name, info.version)
     probabilities_text = ", ".join(f"{name} {p:.3f}" for name, p in probabilities.items())
     captures = sc.build_secondary_captures(
-        [rendered.overlays[k] for k in order], sources_in_order, header.dataset,
+        images, sources_in_order, header.dataset,
         model=model, prediction=prediction, probabilities_text=probabilities_text,
         series_number=_series_number(first, SC_SERIES_OFFSET), pixel_spacing=pixel_spacing,
-        orientation=sc.patient_orientation(volume.affine_lps), explanation=explanation,
+        orientation=sc.patient_orientation(affine_lps), explanation=explanation,
         distribution=distribution, flair_recognised=flair_recognised,
     )
-    source_series = sanitize.clean_uid(volume.info.series_instance_uid)
+    del images  # the captures hold the pixels now
+    source_series = sanitize.clean_uid(volume_series_uid)
     if not source_series:
         raise AnalysisRejected(INVALID_UID, "the source SeriesInstanceUID is not a valid UID",
                                warnings)
@@ -412,7 +431,7 @@ def analyse(
         sr_sop_instance_uid=str(report.SOPInstanceUID),
         sc_instances=sc_bytes,
         sr_instance=sr_bytes,
-        preview_png=rendered.preview_png,
+        preview_png=preview,
         timings_ms=timings,
         warnings=warnings,
     )

@@ -122,12 +122,17 @@ def cam_to_source(cam: npt.NDArray[np.floating], prepared: PreparedVolume) -> Fl
     return restore_to_source(on_canonical, prepared.canonical)
 
 
-def normalise_volume(cam: FloatArray) -> FloatArray:
-    """Divide by the volume maximum (all zeros stays all zeros)."""
+def normalise_volume(cam: FloatArray, *, in_place: bool = False) -> FloatArray:
+    """Divide by the volume maximum (all zeros stays all zeros). ``in_place`` reuses a
+    float32 ``cam``'s buffer: the map is as large as the source volume (4 bytes a voxel),
+    and each temporary copy of it counts in an analysis' peak memory."""
     peak = float(cam.max()) if cam.size else 0.0
     if not math.isfinite(peak) or peak <= 0.0:
         return np.zeros_like(cam, dtype=np.float32)
-    return np.clip(cam / np.float32(peak), 0.0, 1.0).astype(np.float32)
+    reuse = in_place and cam.dtype == np.float32 and cam.flags.writeable
+    out = np.divide(cam, np.float32(peak), out=cam if reuse else None)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
 
 
 def source_slice_weights(slice_weights: npt.NDArray[np.floating],
@@ -166,19 +171,28 @@ def source_slice_weights(slice_weights: npt.NDArray[np.floating],
 def window(volume: npt.NDArray[np.floating],
            percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> npt.NDArray[np.uint8]:
     """The volume as 8-bit grey, one window for every slice (robust percentiles)."""
-    data = np.nan_to_num(np.asarray(volume, dtype=np.float32))
+    data = np.asarray(volume)
     # a regular subsample estimates the percentiles as well and keeps big volumes cheap
-    sample = data.ravel()[:: max(1, data.size // 200_000)]
+    sample = np.nan_to_num(np.asarray(data.flat[:: max(1, data.size // 200_000)],
+                                      dtype=np.float32))
     low, high = (float(v) for v in np.percentile(sample, percentiles))
     if high <= low:
         high = low + 1.0
     # In place, and rounding as +0.5 then truncation (valid once clipped to ≥ 0): a 200-slice
     # volume is millions of voxels, and each temporary array costs as much as the arithmetic.
+    # Slice by slice (the same element-wise arithmetic): a float copy of the whole volume
+    # would cost 4 bytes a voxel of an analysis' peak memory, the grey result costs 1.
     gain = np.float32(255.0 / (high - low))
-    scaled = np.multiply(data, gain, dtype=np.float32)
-    scaled -= np.float32(low) * gain - np.float32(0.5)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return scaled.astype(np.uint8)
+    offset = np.float32(low) * gain - np.float32(0.5)
+    chunks = data if data.ndim >= 2 else data.reshape(1, -1)
+    grey = np.empty(chunks.shape, dtype=np.uint8)
+    for k in range(chunks.shape[0]):
+        scaled = np.nan_to_num(np.array(chunks[k], dtype=np.float32), copy=False)
+        scaled *= gain
+        scaled -= offset
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        grey[k] = scaled
+    return grey.reshape(data.shape)
 
 
 def blend(grey: npt.NDArray[np.uint8], cam: FloatArray, alpha_max: float = ALPHA_MAX) -> RGBImage:
@@ -259,7 +273,8 @@ def most_attended(weights: Sequence[float], count: int = PREVIEW_SLICES) -> list
     return order[:count]
 
 
-def preview_png(images: Sequence[RGBImage], chosen: Sequence[int], captions: Sequence[str],
+def preview_png(images: Sequence[RGBImage] | Mapping[int, RGBImage], chosen: Sequence[int],
+                captions: Sequence[str],
                 banner: Banner, pixel_spacing: tuple[float, float],
                 tile: int = PREVIEW_TILE) -> bytes:
     """A PNG montage of ``images[i]`` for ``i`` in ``chosen`` (in that order), each captioned,
@@ -320,14 +335,22 @@ def render(volume: npt.NDArray[np.floating], prepared: PreparedVolume,
     the engine output; ``display_order`` lists source slice indices in reading order
     (InstanceNumber) and ``slice_labels[k]`` names slice ``k`` in the preview. The preview picks
     its slices by the model's attention, whichever map is shown."""
-    cam = normalise_volume(cam_to_source(explanation, prepared))
+    cam = normalise_volume(cam_to_source(explanation, prepared), in_place=True)
     if cam.shape != volume.shape:
         raise ValueError(f"CAM mapped to {cam.shape}, source volume is {volume.shape}")
     weights = source_slice_weights(slice_weights, spatial_attention, prepared)
     grey = window(volume)
-    plain = [blend(grey[k], cam[k]) for k in range(volume.shape[0])]
-    overlays = [burn_banner(image, banner) for image in plain]
     chosen = set(most_attended(list(weights)))
+    # One overlay at a time: only the preview's few slices keep their banner-less image
+    # (all of them would cost another 3 bytes a voxel of an analysis' peak memory).
+    plain: dict[int, RGBImage] = {}
+    overlays: list[RGBImage] = []
+    for k in range(volume.shape[0]):
+        image = blend(grey[k], cam[k])
+        overlays.append(burn_banner(image, banner))
+        if k in chosen:
+            plain[k] = image
+    del grey
     shown = [k for k in display_order if k in chosen]
     captions = [f"{slice_labels[k]}  w={weights[k]:.3f}" for k in shown]
     png = preview_png(plain, shown, captions, banner, pixel_spacing)

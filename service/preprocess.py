@@ -92,9 +92,11 @@ class CanonicalVolume:
     flipped: tuple[bool, bool, bool]
 
 
-def reorient_to_canonical(array: npt.NDArray[Any], affine: npt.ArrayLike) -> CanonicalVolume:
+def reorient_to_canonical(array: npt.NDArray[Any], affine: npt.ArrayLike, *,
+                          contiguous: bool = True) -> CanonicalVolume:
     """Permute and flip ``array`` so that its axes run S, P, L; oblique volumes go to the
-    nearest canonical axes (no resampling, so no interpolation blur of the source data)."""
+    nearest canonical axes (no resampling, so no interpolation blur of the source data).
+    ``contiguous=False`` leaves ``array`` a (permuted, flipped) view of the input, not a copy."""
     if array.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {array.shape}")
     affine = np.asarray(affine, dtype=np.float64)
@@ -122,7 +124,7 @@ def reorient_to_canonical(array: npt.NDArray[Any], affine: npt.ArrayLike) -> Can
             new_affine[:3, 3] += new_affine[:3, axis] * (array.shape[source_axes[axis]] - 1)
             new_affine[:3, axis] *= -1.0
     return CanonicalVolume(
-        array=np.ascontiguousarray(out),
+        array=np.ascontiguousarray(out) if contiguous else out,
         affine=new_affine,
         source_axes=(source_axes[0], source_axes[1], source_axes[2]),
         flipped=(flipped[0], flipped[1], flipped[2]),
@@ -184,8 +186,11 @@ class PreparedVolume:
 def preprocess(
     array: npt.NDArray[Any], affine: npt.ArrayLike, config: PreprocessingConfig
 ) -> PreparedVolume:
-    """Reorient, scale and resize one volume; ``model_input`` has shape ``config.model_grid``."""
-    canonical = reorient_to_canonical(array, affine)
+    """Reorient, scale and resize one volume; ``model_input`` has shape ``config.model_grid``.
+    ``canonical.array`` is a view of ``array``: a copy would cost 4 bytes a voxel of an
+    analysis' peak memory for as long as the overlays need the geometry (the values are the
+    same; the scaling below copies anyway)."""
+    canonical = reorient_to_canonical(array, affine, contiguous=False)
     scaled = scale_intensity(canonical.array, config)
     return PreparedVolume(model_input=resize_area(scaled, config.model_grid), canonical=canonical)
 
