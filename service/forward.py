@@ -10,6 +10,12 @@ destination), so a restart resumes what was pending:
 * ``sent`` — every instance accepted by the destination;
 * ``failed`` — ``delivery_max_attempts`` attempts failed; ``last_error`` says why.
 
+An analysis is marked done and its deliveries are planned in two writes (two connections).
+So that a crash between them loses no result, the forwarder reconciles at start and every
+30 s: each done analysis still in the database that lacks a row for a configured destination
+gets one (:meth:`DeliveryStore.plan_missing`, idempotent). A destination added later therefore
+also receives the results that retention still keeps.
+
 A failed attempt waits ``delivery_backoff_s × 2^(attempts−1)`` (at most
 ``delivery_backoff_max_s``, plus up to 10 % jitter) before the next one. Rows name their
 destination: a destination removed from the settings leaves its rows as they are (pending rows
@@ -128,6 +134,27 @@ class DeliveryStore:
                     "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?)",
                     (analysis_id, destination.name, destination.kind, DeliveryState.PENDING,
                      now, now, now))
+                added += cursor.rowcount
+        return added
+
+    def plan_missing(self, destinations: Iterable[Destination], now: float | None = None
+                     ) -> int:
+        """A pending row for every done analysis and destination that has none (a crash
+        between "done" and :meth:`plan`, or a destination added since); how many were new."""
+        now = time.time() if now is None else now
+        added = 0
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                                "name='analyses'").fetchone() is None:
+                return 0  # no analysis store in this database (yet)
+            for destination in destinations:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO deliveries (analysis_id, destination, kind, state, "
+                    "next_attempt, created, updated) SELECT a.id, ?, ?, ?, ?, ?, ? FROM "
+                    "analyses a WHERE a.status='done' AND NOT EXISTS (SELECT 1 FROM "
+                    "deliveries d WHERE d.analysis_id=a.id AND d.destination=?)",
+                    (destination.name, destination.kind, DeliveryState.PENDING, now, now, now,
+                     destination.name))
                 added += cursor.rowcount
         return added
 
@@ -370,6 +397,10 @@ class Forwarder:
         released = self.store.release(self._owner_alive)
         if released:
             log.info("deliveries of a process that is gone resume", extra={"n": released})
+        try:
+            self.reconcile()
+        except sqlite3.Error:  # the database busy or full: the loop tries again every 30 s
+            log.exception("cannot reconcile the deliveries at start")
         if self.destinations:
             self._task = asyncio.create_task(self._run())
 
@@ -394,6 +425,17 @@ class Forwarder:
 
     def deliveries(self, analysis_id: str) -> list[dict[str, Any]]:
         return [d.to_json() for d in self.store.of_analysis(analysis_id)]
+
+    def reconcile(self) -> int:
+        """Plan what :meth:`result_ready` never planned (the process died between the two
+        writes, or the database refused the second): see the module docstring."""
+        if not self.destinations:
+            return 0
+        added = self.store.plan_missing(self.destinations.values())
+        if added:
+            log.warning("deliveries planned late: done results without one",
+                        extra={"n": added})
+        return added
 
     # -- internals ---------------------------------------------------------------------------
     def backoff(self, attempts: int) -> float:
@@ -431,6 +473,7 @@ class Forwarder:
                 if time.monotonic() - last_release > 30:
                     last_release = time.monotonic()
                     self.store.release(self._owner_alive)
+                    self.reconcile()
                 due = self.store.next_due(n for n in self.destinations if n not in busy)
             except asyncio.CancelledError:
                 raise

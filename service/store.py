@@ -46,14 +46,17 @@ CREATE TABLE IF NOT EXISTS analyses (
     updated REAL NOT NULL,
     result TEXT,
     problem TEXT,
-    owner TEXT
+    owner TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS analyses_study ON analyses (study_instance_uid);
 CREATE INDEX IF NOT EXISTS analyses_series ON analyses (series_instance_uid, fingerprint);
 """
-# explicit, so that a database whose owner column was added later reads the same
+# explicit, so that a database whose owner or attempts column was added later reads the same
 _COLUMNS = ("id, status, source, study_instance_uid, series_instance_uid, fingerprint, created, "
-            "updated, result, problem, owner")
+            "updated, result, problem, owner, attempts")
+# columns added after the first release, for databases made before them
+_ADDED_COLUMNS = {"owner": "owner TEXT", "attempts": "attempts INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Record:
     result: dict[str, Any] | None
     problem: dict[str, Any] | None
     owner: str | None = None
+    attempts: int = 0  # how often a run of it started (:meth:`AnalysisStore.start`)
 
 
 def connect(path: Path, schema: str) -> sqlite3.Connection:
@@ -89,9 +93,10 @@ class AnalysisStore:
         self._lock = threading.Lock()
         self._db = connect(path, _SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(analyses)")}
-        if "owner" not in columns:  # a database from before leases
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
-                self._db.execute("ALTER TABLE analyses ADD COLUMN owner TEXT")
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in columns:  # a database from before leases or start counts
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                    self._db.execute(f"ALTER TABLE analyses ADD COLUMN {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -225,6 +230,17 @@ class AnalysisStore:
                  Status.RUNNING))
             return cursor.rowcount == 1
 
+    def start(self, analysis_id: str) -> int:
+        """Mark an analysis running and count the start, durably, before it runs: a process
+        that dies while running it (out of memory, say) leaves the count behind, so that a
+        restart can tell an analysis that keeps killing its process. The new count."""
+        with self._lock:
+            # fetchall: the statement runs to its end, so the autocommit commits here
+            rows = self._db.execute(
+                "UPDATE analyses SET status=?, attempts=attempts+1, updated=? WHERE id=? "
+                "RETURNING attempts", (Status.RUNNING, time.time(), analysis_id)).fetchall()
+        return int(rows[0][0]) if rows else 0
+
     def update(self, analysis_id: str, status: Status, *, result: dict[str, Any] | None = None,
                problem: dict[str, Any] | None = None, study_instance_uid: str | None = None,
                series_instance_uid: str | None = None) -> None:
@@ -277,7 +293,7 @@ class AnalysisStore:
 
 def _record(row: tuple[Any, ...]) -> Record:
     (analysis_id, status, source, study, series, fingerprint, created, updated, result,
-     problem, owner) = row
+     problem, owner, attempts) = row
     return Record(analysis_id, Status(status), source, study, series, fingerprint, created,
                   updated, json.loads(result) if result else None,
-                  json.loads(problem) if problem else None, owner)
+                  json.loads(problem) if problem else None, owner, int(attempts or 0))
