@@ -10,7 +10,8 @@ stability-window assembly as STOW-RS.
 * Each instance goes through :func:`service.stow.store_parts`, as a STOW-RS part would: the
   same checks, the same spool, the same duplicate rules, and its series' stability window
   starts or is extended (``note_arrival``). Failures answer a C-STORE failure status: 0xA700
-  out of resources (spool write failed, queue full or draining), 0xC000 cannot understand,
+  out of resources (spool write failed, queue full or draining, too many series open:
+  :mod:`service.arrivals`), 0xC000 cannot understand,
   0x0122 SOP class not supported (no pixel data), 0x0111 a different instance under a known
   SOP Instance UID. The size limits of STOW-RS apply (``FLAIRCAD_MAX_MATRIX``, ...).
 * The audit trail gets one ``dimse`` line per association (calling AE title, peer address,
@@ -69,12 +70,16 @@ OUT_OF_RESOURCES = 0xA700
 class DimseListener:
     """A C-STORE/C-ECHO SCP in background threads. ``arrived(key)`` is called (from a
     listener thread) for every series that received an instance; ``check_capacity()`` raises
-    when no new work is taken (queue full, draining)."""
+    when no new work is taken (queue full, draining); ``admit(key, sender)`` before an
+    instance is stored may refuse it (False: too many series open, 0xA700), the sender being
+    ``ae:<calling AE title>``."""
 
     def __init__(self, spool: Spool, *, ae_title: str, host: str, port: int,
                  allowed_calling_aes: list[str], arrived: Callable[[SeriesKey], None],
                  check_capacity: Callable[[], None], limits: Limits | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None,
+                 admit: Callable[[SeriesKey, str], bool] | None = None) -> None:
+        self._admit = admit
         self.spool, self.ae_title, self.host, self.port = spool, ae_title, host, port
         self.allowed_calling_aes = [title.strip() for title in allowed_calling_aes
                                     if title.strip()]
@@ -176,7 +181,10 @@ class DimseListener:
             log.exception("C-STORE: cannot encode the received dataset")
             return 0xC000
         part = Part({"content-type": "application/dicom"}, data)
-        result = store_parts([part], self.spool, None, source="dimse", limits=self.limits)
+        sender = f"ae:{str(event.assoc.requestor.ae_title).strip()}"
+        admit = self._admit
+        result = store_parts([part], self.spool, None, source="dimse", limits=self.limits,
+                             admit=None if admit is None else lambda key: admit(key, sender))
         self._note(event, result)
         for key in result.series:
             self._arrived(key)

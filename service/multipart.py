@@ -29,6 +29,17 @@ from typing import Protocol
 
 MAX_BOUNDARY = 200
 MAX_PART_HEADER_BYTES = 16 * 1024
+# Real senders put one to four header lines on a part (Content-Type, Content-Length,
+# Content-Disposition, Content-Transfer-Encoding); 64 is far past any of them, and bounds the
+# work per part when a body holds thousands of parts (issue 13: 1,400 lines a part).
+MAX_PART_HEADER_LINES = 64
+# Only these part headers are read (content_type, filename, parse_multipart's trust in a
+# declared length); the others are dropped as they are parsed, so that a request of thousands
+# of parts keeps a few short strings per part, not every line it was sent.
+KEPT_PART_HEADERS = frozenset({"content-type", "content-disposition", "content-length"})
+# A kept value longer than this is no real sender's: a filename is at most 255 bytes, 765
+# percent-encoded. Refused, so that a part keeps at most 3 KiB of headers.
+MAX_KEPT_HEADER_BYTES = 1024
 
 
 class MultipartError(ValueError):
@@ -138,21 +149,36 @@ def boundary_of(media_type: MediaType) -> str:
 
 
 def _parse_headers(block: bytes) -> dict[str, str]:
+    """The :data:`KEPT_PART_HEADERS` of one part's header block (lines ending in CRLF);
+    :class:`MultipartError` past :data:`MAX_PART_HEADER_LINES` lines or
+    :data:`MAX_KEPT_HEADER_BYTES` in a kept value."""
+    lines = block.split(b"\r\n")
+    if len(lines) > MAX_PART_HEADER_LINES:
+        raise MultipartError(f"a part has more than {MAX_PART_HEADER_LINES} header lines")
     headers: dict[str, str] = {}
     name = ""
-    for raw in block.split(b"\r\n"):
+    for raw in lines:
         line = raw.decode("latin-1")
         if not line:
             continue
         if line[0] in " \t" and name:  # obsolete line folding
-            headers[name] += " " + line.strip()
+            if name in headers:
+                headers[name] = _bounded(name, headers[name] + " " + line.strip())
             continue
         name, sep, value = line.partition(":")
         if not sep:
             raise MultipartError(f"malformed part header line {line[:60]!r}")
         name = name.strip().lower()
-        headers[name] = value.strip()
+        if name in KEPT_PART_HEADERS:
+            headers[name] = _bounded(name, value.strip())
     return headers
+
+
+def _bounded(name: str, value: str) -> str:
+    if len(value) > MAX_KEPT_HEADER_BYTES:
+        raise MultipartError(f"a part's {name} header is longer than {MAX_KEPT_HEADER_BYTES} "
+                             "bytes")
+    return value
 
 
 def parse_multipart(body: bytes, boundary: str) -> list[Part]:
@@ -306,6 +332,10 @@ class StreamingMultipart:
         if end < 0 or end > MAX_PART_HEADER_BYTES:
             if end > MAX_PART_HEADER_BYTES or len(self._buffer) > MAX_PART_HEADER_BYTES + 4:
                 raise MultipartError("a part's headers do not end (no blank line)")
+            # refused as soon as the lines pass the bound, not only when the block ends
+            if self._buffer.count(b"\n") > MAX_PART_HEADER_LINES:
+                raise MultipartError(
+                    f"a part has more than {MAX_PART_HEADER_LINES} header lines")
             return
         block = bytes(self._buffer[:end]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         headers = _parse_headers(block)

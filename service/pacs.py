@@ -52,7 +52,8 @@ class PacsLink:
                 port=settings.dimse_port if settings.dimse_port is not None else 11112,
                 allowed_calling_aes=settings.dimse_allowed_calling_aes,
                 arrived=self._arrived, check_capacity=scheduler.check_capacity,
-                limits=Limits.of(settings), audit=audit.trail(settings))
+                limits=Limits.of(settings), audit=audit.trail(settings),
+                admit=scheduler.open_series)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -85,8 +86,9 @@ class PacsLink:
         return self.forwarder.deliveries(analysis_id)
 
     def _arrived(self, key: SeriesKey) -> None:  # a listener thread
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.scheduler.note_arrival, key)
+        # at once (the window is thread-safe): its window runs from the store, not from when
+        # the event loop gets to it
+        self.scheduler.note_arrival(key)
 
 
 async def run_standalone(settings: Settings) -> int:

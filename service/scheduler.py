@@ -3,6 +3,10 @@
 * STOW-RS (and later C-STORE) instances land in the spool and mark their series as "arriving";
   a series that has received nothing for ``stability_window_s`` is complete and gets an analysis.
   A series whose content was already analysed (same instances) is not analysed again.
+  The window's bookkeeping is :class:`service.arrivals.ArrivalWindow`: a series with a
+  STOW-RS request for it still in flight is not complete, open series are bounded
+  (:class:`TooManyOpenSeries`, HTTP 503), complete ones are claimed round-robin over senders,
+  and a claim that fails (disk full) leaves the series in the window, retried with backoff.
 * ``/v1/analyses`` uploads go straight to the queue.
 * The queue is bounded: when it is full the caller gets :class:`Saturated` (HTTP 503 with
   Retry-After) before anything is accepted, so nothing accepted is ever dropped. Stable series
@@ -19,15 +23,25 @@
 * Draining (SIGTERM): no new work is accepted (:class:`Draining`, HTTP 503), queued and running
   analyses go on until the queue is empty or the grace period is over; what is left stays
   ``queued``/``running`` in the store and resumes on the next start.
+* Every accepted analysis ends ``done``, ``rejected`` or ``failed`` with a reason code, also
+  when the disk fills while its result is written (``spool_full``, ``result_write_failed``;
+  the staging folder goes first). When the database refuses even that write, the outcome is
+  kept in memory and written by the orphan sweep. A run is counted in the store before it
+  starts: an analysis whose process died while running it :data:`MAX_STARTS` times (out of
+  memory, say) is not resumed again but fails (``crashed_twice``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import shutil
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from service import logs, metrics, retention
+from service.arrivals import ArrivalWindow, Hold
 from service.audit import trail
 from service.config import Settings
 from service.engine import Engine
@@ -44,6 +59,10 @@ from service.spool import SeriesKey, Spool
 from service.store import FINISHED, AnalysisStore, Record, Status
 
 log = logging.getLogger(__name__)
+
+# An analysis started this often without finishing killed its process each time (the OOM
+# killer, say): resuming it again would crash-loop the service.
+MAX_STARTS = 2
 
 
 class Saturated(Exception):
@@ -68,6 +87,19 @@ class SpoolFull(Saturated):
         self.fill, self.limit = fill, limit
 
 
+class TooManyOpenSeries(Saturated):
+    """The stability window holds ``FLAIRCAD_MAX_OPEN_SERIES`` series (or the sender its
+    ``FLAIRCAD_MAX_OPEN_SERIES_PER_SENDER``): no new series until some are claimed."""
+
+    code = "too_many_open_series"
+
+    def __init__(self, retry_after_s: int, limit: int, per_sender: int) -> None:
+        super().__init__(retry_after_s, "too many series are being received (at most "
+                         f"{limit}, {per_sender} per sender: FLAIRCAD_MAX_OPEN_SERIES, "
+                         "FLAIRCAD_MAX_OPEN_SERIES_PER_SENDER); instances of series already "
+                         f"being received are taken; retry after {retry_after_s} s")
+
+
 class Draining(Saturated):
     code = "draining"
 
@@ -83,6 +115,24 @@ class _Job:
     done: asyncio.Future[Record]
     enqueued: float
     request_id: str | None = None
+
+
+@dataclass
+class _Unrecorded:
+    """How an analysis ended, when the database refused to record it: retried later."""
+
+    record: Record
+    status: Status
+    fields: dict[str, Any]
+
+
+def _disk_full(error: BaseException) -> bool:
+    """No space left: on the spool's file system (ENOSPC, EDQUOT) or in SQLite."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return False
 
 
 def result_urls(analysis_id: str) -> dict[str, str]:
@@ -119,7 +169,10 @@ class Scheduler:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=settings.workers,
                                             thread_name_prefix="analysis")
-        self._arriving: dict[SeriesKey, float] = {}
+        self.arrivals = ArrivalWindow(settings.max_open_series,
+                                      settings.max_open_series_per_sender)
+        # the window's last-arrival times (start-up recovery and retention read them)
+        self._arriving = self.arrivals.last
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._draining = False
@@ -130,6 +183,9 @@ class Scheduler:
         # called with the id of every analysis that ends DONE, in its worker thread (results
         # sent to the PACS: service/pacs.py)
         self.result_hooks: list[Callable[[str], None]] = []
+        # outcomes the database refused (disk full, busy): the orphan sweep writes them
+        self._unrecorded: dict[str, _Unrecorded] = {}
+        self._unrecorded_lock = threading.Lock()
         self._limits = Limits.of(settings)
         self._audit = trail(settings)
         if settings.flair_rules is not None:
@@ -221,7 +277,7 @@ class Scheduler:
 
     @property
     def arriving(self) -> int:
-        return len(self._arriving)
+        return len(self.arrivals)
 
     def check_capacity(self) -> None:
         if self._draining:
@@ -243,8 +299,26 @@ class Scheduler:
 
     # -- input -------------------------------------------------------------------------------
     def note_arrival(self, key: SeriesKey) -> None:
-        self._arriving[key] = time.monotonic()
-        metrics.SERIES_ARRIVING.set(len(self._arriving))
+        """An instance of ``key`` was stored: its window restarts (no bound: it is on disk)."""
+        self.arrivals.note(key)
+        metrics.SERIES_ARRIVING.set(len(self.arrivals))
+
+    def open_series(self, key: SeriesKey, sender: str) -> bool:
+        """Before an instance of ``key`` is stored: False when it would open a series past
+        the window's bounds (any thread: C-STORE calls it from the listener's)."""
+        opened = self.arrivals.open(key, sender)
+        metrics.SERIES_ARRIVING.set(len(self.arrivals))
+        return opened
+
+    def hold_series(self, sender: str) -> Hold:
+        """For one STOW-RS request: the series its parts belong to stay open, never stable,
+        until the hold is released (in a ``finally``); :class:`TooManyOpenSeries` from
+        :meth:`Hold.add` when a part would open a series past the bounds."""
+        return Hold(self.arrivals, sender, self._too_many_open_series)
+
+    def _too_many_open_series(self) -> TooManyOpenSeries:
+        return TooManyOpenSeries(self.settings.retry_after_s, self.settings.max_open_series,
+                                 self.settings.max_open_series_per_sender)
 
     def submit_upload(self, files: list[Path], record: Record) -> asyncio.Future[Record]:
         """Queue an uploaded series (already spooled under ``record``); :class:`Saturated`
@@ -274,7 +348,8 @@ class Scheduler:
 
     def _take_over_orphans(self) -> int:
         """Queue the unfinished analyses whose owner process is gone (all of them at start,
-        when this is the only process)."""
+        when this is the only process); fail those that were started :data:`MAX_STARTS`
+        times already, each time without finishing."""
         taken = 0
         for record in self.store.unfinished():
             if record.owner == self.owner or self.spool.owner_alive(record.owner):
@@ -282,15 +357,35 @@ class Scheduler:
             if not self.store.take_over(record.id, record.owner, self.owner):
                 continue  # another process was quicker
             taken += 1
+            self._remove_staging(record.id)  # what its dead owner was writing
+            if record.attempts >= MAX_STARTS:
+                self._give_up(record)
+                continue
             files = self._files_of(record)
             if files:
                 self._enqueue(record, files, force=True)
                 log.info("analysis taken over from a process that is gone",
-                         extra={"analysis_id": record.id})
+                         extra={"analysis_id": record.id, "attempts": record.attempts})
             else:
-                self.store.update(record.id, Status.FAILED, problem={
+                self._finish(record, Status.FAILED, problem={
                     "code": "input_lost", "detail": "the spooled input is gone"})
         return taken
+
+    def _give_up(self, record: Record) -> None:
+        """An analysis that killed its process every time it ran fails for good."""
+        log.error("analysis ended its process each time it ran: failed, not resumed",
+                  extra={"analysis_id": record.id, "attempts": record.attempts})
+        metrics.SERIES_ANALYSED.labels(outcome="failed").inc()
+        final, recorded = self._finish(record, Status.FAILED, problem={
+            "code": "crashed_twice",
+            "detail": f"the service process ended while running this analysis "
+                      f"{record.attempts} times (out of memory, say); it is not tried again"})
+        if recorded:
+            self._after_finish(final)
+
+    def _remove_staging(self, analysis_id: str) -> None:
+        for folder in self.spool.results.glob(f".staging-{analysis_id}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def _sweep_retention(self) -> None:
         """Expired analyses, their results and inputs go (service/retention.py); the first
@@ -298,7 +393,7 @@ class Scheduler:
         while True:
             try:
                 await asyncio.to_thread(retention.sweep, self.settings, self.spool, self.store,
-                                        busy=set(self._arriving), audit=self._audit)
+                                        busy=self.arrivals.keys(), audit=self._audit)
             except Exception:  # the database busy, a file system hiccup: next time
                 log.exception("retention sweep failed")
             await asyncio.sleep(self.settings.retention_sweep_interval_s)
@@ -306,6 +401,11 @@ class Scheduler:
     async def _sweep_orphans(self) -> None:
         while True:
             await asyncio.sleep(self.settings.orphan_sweep_interval_s)
+            if self._unrecorded:  # also while draining: these analyses have ended
+                try:
+                    await asyncio.to_thread(self._record_late)
+                except Exception:
+                    log.exception("cannot record the outcomes of ended analyses")
             if self._draining:
                 continue
             try:
@@ -320,21 +420,29 @@ class Scheduler:
             await asyncio.sleep(period)
             if self._draining:  # left in the spool; the next start picks them up
                 continue
-            now = time.monotonic()
-            for key, last in sorted(self._arriving.items(), key=lambda item: item[1]):
-                if now - last < window or self.saturated:
-                    continue
-                # Another process may have received instances of it since: the folder knows.
-                age = self.spool.series_age_s(key)
-                if age is not None and age < window:
-                    self._arriving[key] = now - age
-                    continue
-                del self._arriving[key]
-                try:
-                    self._series_complete(key)
-                except Exception:  # one bad series folder must not stop the watcher
-                    log.exception("cannot queue a complete series")
-            metrics.SERIES_ARRIVING.set(len(self._arriving))
+            for key in self.arrivals.stable(window):  # quiet, not held; fair order
+                if self.saturated:  # they wait in the window for room in the queue
+                    break
+                self._claim_if_quiet(key, window)
+            metrics.SERIES_ARRIVING.set(len(self.arrivals))
+
+    def _claim_if_quiet(self, key: SeriesKey, window: float) -> None:
+        try:
+            # Another process may have received instances of it since: the folder knows.
+            age = self.spool.series_age_s(key)
+            if age is not None and age < window:
+                self.arrivals.note(key, at=time.monotonic() - age)
+                return
+            self._series_complete(key)
+        except Exception as error:  # disk full, database busy: it stays in the window
+            retry_in = self.arrivals.claim_failed(key)
+            # the type and errno only: an OSError's text holds the series folder (its UIDs)
+            log.warning("cannot queue a complete series; it stays in the stability window",
+                        extra={"error": type(error).__name__,
+                               "errno": getattr(error, "errno", None),
+                               "retry_in_s": retry_in})
+        else:
+            self.arrivals.claimed(key)
 
     def _series_complete(self, key: SeriesKey) -> None:
         files = self.spool.series_files(key)
@@ -392,17 +500,21 @@ class Scheduler:
         from service.analysis import AnalysisRejected, write_outputs
 
         record = job.record
-        self.store.update(record.id, Status.RUNNING)
         started = time.perf_counter()
         timings: dict[str, float] = {}
         prediction: str | None = None
-        conflicts = self._conflict_warnings(record)
+        conflicts: list[str] = []
         staging: Path | None = None
+        writing = False
         try:
+            # counted durably before it runs: see MAX_STARTS
+            self.store.start(record.id)
+            conflicts = self._conflict_warnings(record)
             analysis = self._analyse(job.files, self.engine, rules=self._rules,
                                      accept_non_flair=self.settings.accept_non_flair,
                                      limits=self._limits,
                                      explanation=self.settings.explanation)
+            writing = True
             # Written aside and renamed into place, then marked done: a crash at any point
             # leaves no half result visible, and the analysis runs again after the restart.
             staging = self.spool.staging_folder(record.id)
@@ -413,6 +525,7 @@ class Scheduler:
             result["warnings"] = [*result.get("warnings", []), *conflicts]
             (staging / "result.json").write_text(json.dumps(result, indent=2))
             self.spool.publish_result(staging, record.id)
+            staging = None  # it is the result folder now
         except AnalysisRejected as rejected:
             # the client sees its own parts and instances, never a path on this server
             problem = {"code": rejected.code,
@@ -420,27 +533,23 @@ class Scheduler:
                        "warnings": [*(client_text(str(w), job.files, self.spool.root)
                                       for w in getattr(rejected, "warnings", ())),
                                     *conflicts]}
-            self.store.update(record.id, Status.REJECTED, problem=problem)
+            final, recorded = self._finish(record, Status.REJECTED, problem=problem)
             outcome = f"rejected:{rejected.code}"
         except Exception as error:
-            self.store.update(record.id, Status.FAILED, problem={
-                "code": "analysis_failed", "detail": client_text(
-                    f"{type(error).__name__}: {error}", job.files, self.spool.root)})
-            outcome = "failed"
-            log.exception("analysis failed")
-            if staging is not None:  # a result that was not published never will be
+            # first, whatever happens next: a result that was not published never will be
+            if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+            log.exception("analysis failed")
+            final, recorded = self._finish(record, Status.FAILED,
+                                           problem=self._failure(error, job.files, writing))
+            outcome = "failed"
         else:
-            self.store.update(record.id, Status.DONE, result=result,
-                              study_instance_uid=analysis.study_instance_uid,
-                              series_instance_uid=analysis.series_instance_uid)
+            final, recorded = self._finish(
+                record, Status.DONE, result=result,
+                study_instance_uid=analysis.study_instance_uid,
+                series_instance_uid=analysis.series_instance_uid)
             outcome, prediction, timings = "ok", analysis.prediction, analysis.timings_ms
             metrics.PREDICTIONS.labels(**{"class": prediction}).inc()
-            for hook in self.result_hooks:
-                try:
-                    hook(record.id)
-                except Exception:  # a hook must not turn a finished analysis into a failure
-                    log.exception("result hook failed")
             for stage, ms in timings.items():
                 metrics.STAGE_DURATION.labels(stage=stage).observe(ms / 1000)
         metrics.SERIES_ANALYSED.labels(outcome=outcome).inc()
@@ -449,12 +558,78 @@ class Scheduler:
             "source": record.source, "outcome": outcome, "prediction": prediction,
             "timings_ms": timings, "queue_wait_ms": round(waited_s * 1000, 1),
             "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
-        if record.source == "upload":
-            self.spool.remove_upload(record.id)
-        final = self.store.get(record.id)
-        assert final is not None and final.status in FINISHED
-        self._audit_finished(final)
+        if recorded:  # else when the orphan sweep has recorded it (the input stays till then)
+            self._after_finish(final)
         return final
+
+    def _failure(self, error: Exception, files: list[Path], writing: bool) -> dict[str, Any]:
+        """The problem of a failed analysis: why, in words the client can have."""
+        detail = client_text(f"{type(error).__name__}: {error}", files, self.spool.root)
+        if _disk_full(error):
+            return {"code": "spool_full", "detail": f"no space left in the spool: {detail}"}
+        if writing and isinstance(error, OSError):
+            return {"code": "result_write_failed", "detail": detail}
+        return {"code": "analysis_failed", "detail": detail}
+
+    def _finish(self, record: Record, status: Status, **fields: Any) -> tuple[Record, bool]:
+        """Record how an analysis ended; the record, and whether the database took it. When
+        it did not (full, busy), the outcome waits in memory for :meth:`_record_late`: the
+        row stays ``running`` under this live process, so nobody else runs it meanwhile,
+        and a restart runs it again."""
+        try:
+            self.store.update(record.id, status, **fields)
+        except Exception:
+            log.exception("cannot record how an analysis ended; retried by the orphan sweep")
+            with self._unrecorded_lock:
+                self._unrecorded[record.id] = _Unrecorded(record, status, fields)
+            return self._ended(record, status, fields), False
+        return self._ended(record, status, fields, stored=True), True
+
+    def _ended(self, record: Record, status: Status, fields: dict[str, Any],
+               stored: bool = False) -> Record:
+        if stored:
+            with contextlib.suppress(Exception):  # recorded; reading it back is a nicety
+                final = self.store.get(record.id)
+                if final is not None and final.status in FINISHED:
+                    return final
+        return dataclasses.replace(
+            record, status=status, updated=time.time(),
+            result=fields.get("result") or record.result,
+            problem=fields.get("problem") or record.problem,
+            study_instance_uid=fields.get("study_instance_uid") or record.study_instance_uid,
+            series_instance_uid=fields.get("series_instance_uid") or record.series_instance_uid)
+
+    def _record_late(self) -> int:
+        """Write the outcomes the database refused before; how many it took now."""
+        with self._unrecorded_lock:
+            waiting = list(self._unrecorded.values())
+        recorded = 0
+        for item in waiting:
+            try:
+                self.store.update(item.record.id, item.status, **item.fields)
+            except Exception as error:
+                log.warning("still cannot record how an analysis ended", extra={
+                    "analysis_id": item.record.id, "error": type(error).__name__})
+                continue
+            with self._unrecorded_lock:
+                self._unrecorded.pop(item.record.id, None)
+            recorded += 1
+            log.info("how an analysis ended is recorded now", extra={
+                "analysis_id": item.record.id, "status": str(item.status)})
+            self._after_finish(self._ended(item.record, item.status, item.fields, stored=True))
+        return recorded
+
+    def _after_finish(self, final: Record) -> None:
+        """Once the outcome is in the store: deliveries, the upload's input, the audit."""
+        if final.status is Status.DONE:
+            for hook in self.result_hooks:
+                try:
+                    hook(final.id)
+                except Exception:  # a hook must not turn a finished analysis into a failure
+                    log.exception("result hook failed")
+        if final.source == "upload":
+            self.spool.remove_upload(final.id)
+        self._audit_finished(final)
 
     def _conflict_warnings(self, record: Record) -> list[str]:
         """A series that was also sent with different content under known SOP Instance UIDs

@@ -8,13 +8,14 @@ the first copy is kept, never silently replaced; the refusal is remembered with 
 
 Instances that break a size limit (:mod:`service.limits`) are refused one by one: a matrix or
 decoded size beyond the limits with 0xC000 (it will not get better when sent again), one
-instance too many for its series with 0xA700 (out of resources).
+instance too many for its series with 0xA700 (out of resources). So is an instance that would
+open a series past the stability window's bounds (``admit``, :mod:`service.arrivals`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 STUDY_MISMATCH = 0xA900  # "data set does not match" — the study in the URL
 CANNOT_UNDERSTAND = 0xC000
+TOO_MANY_OPEN_SERIES = "too_many_open_series"
 
 
 @dataclass
@@ -92,7 +94,10 @@ class InstancePart(Protocol):
 
 
 def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str | None,
-                source: str = "stow", limits: Limits | None = None) -> StowResult:
+                source: str = "stow", limits: Limits | None = None,
+                admit: Callable[[SeriesKey], bool] | None = None) -> StowResult:
+    """Store the usable parts; ``admit(key)`` is asked before an instance of ``key`` is
+    stored and may refuse it (False: too many series open, 0xA700)."""
     result = StowResult()
     limits = limits or Limits()
     counts: dict[SeriesKey, int] = {}  # instances in each series folder, counted once
@@ -134,6 +139,9 @@ def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str |
         if (counts[key] >= limits.max_instances_per_series
                 and not spool.instance_path(key, sop_instance).exists()):
             refuse(sop_class, sop_instance, OUT_OF_RESOURCES, TOO_MANY_INSTANCES)
+            continue
+        if admit is not None and not admit(key):
+            refuse(sop_class, sop_instance, OUT_OF_RESOURCES, TOO_MANY_OPEN_SERIES)
             continue
         path: Path | None = getattr(part, "path", None)
         try:

@@ -181,6 +181,9 @@ CORPUS = [
     Case("part_headers_of_20_kib", STOW,
          lambda k: b"--b\r\nX-Padding: " + b"p" * 20_000 + b"\r\n\r\nx\r\n--b--", 400,
          "malformed_multipart"),
+    Case("part_with_1400_header_lines", STOW,
+         lambda k: (b"--b\r\n" + b"".join(b"X%d: v\r\n" % n for n in range(1400))
+                    + b"\r\nx\r\n--b--"), 400, "malformed_multipart"),
     Case("truncated_body", STOW, lambda k: related([k.one()], boundary="b")[0][:-40], 400,
          "malformed_multipart"),
     Case("lf_only_framing_with_garbage", STOW, lambda k: b"--b\n\n\x00\x01\n--b--\n", 409,

@@ -18,7 +18,7 @@ from service.api.body import SpooledPart, media_type_of, receive_parts
 from service.api.deps import Runtime, ensure_capacity, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.schemas import Analysis, AnalysisList, Delivery
-from service.api.security import client_of, principal_of
+from service.api.security import READ_SCOPE, STORE_SCOPE, client_of, principal_of
 from service.scheduler import Saturated
 from service.spool import digest, fsync_file
 from service.store import FINISHED, Record, Status
@@ -77,7 +77,11 @@ def _record_or_404(rt: Runtime, analysis_id: str) -> Record:
     return record
 
 
-def _finished_response(record: Record) -> Response:
+# failures of the server's volume, not of the request: the client may send it again later
+_RETRYABLE_FAILURES = frozenset({"spool_full", "result_write_failed"})
+
+
+def _finished_response(record: Record, retry_after_s: int) -> Response:
     analysis = view(record)
     if record.status is Status.DONE:
         return JSONResponse(analysis.model_dump(mode="json"))
@@ -86,14 +90,20 @@ def _finished_response(record: Record) -> Response:
         raise Problem(422, str(problem.get("code", "rejected")),
                       str(problem.get("detail", "the series cannot be analysed")),
                       analysis_id=record.id, warnings=problem.get("warnings", []))
+    if problem.get("code") in _RETRYABLE_FAILURES:
+        raise Problem(503, str(problem["code"]), str(problem.get("detail", "")),
+                      analysis_id=record.id, headers={"Retry-After": str(retry_after_s)})
     raise Problem(500, "analysis_failed", "the analysis failed; it has been logged",
                   analysis_id=record.id)
 
 
 # "/v1/analyses/" is the same resource: answered, not redirected (a 307 with an empty body
 # printed nothing in the tour's `curl -s`)
-@router.post("/", include_in_schema=False, response_model=Analysis)
+# store: the synchronous answer is the upload's own result; polling a Location needs read
+@router.post("/", include_in_schema=False, response_model=Analysis,
+             dependencies=[STORE_SCOPE])
 @router.post("", openapi_extra=_UPLOAD_DOC, response_model=Analysis,
+             dependencies=[STORE_SCOPE],
              summary="Analyse one series (synchronous, or async with Prefer: respond-async)")
 async def create_analysis(
     request: Request,
@@ -154,7 +164,7 @@ async def create_analysis(
                             headers={"Location": f"/v1/analyses/{record.id}",
                                      "Preference-Applied": "respond-async"})
     finished = await done
-    return _finished_response(finished)
+    return _finished_response(finished, rt.settings.retry_after_s)
 
 
 def _no_cache(cache_control: str | None) -> bool:
@@ -184,7 +194,7 @@ async def _existing_response(rt: Runtime, record: Record, prefer: str | None) ->
     while record.status not in FINISHED:
         await asyncio.sleep(0.2)
         record = rt.store.get(record.id) or record
-    response = _finished_response(record)
+    response = _finished_response(record, rt.settings.retry_after_s)
     response.headers.update(location)
     return response
 
@@ -207,8 +217,10 @@ def _audit_read(request: Request, rt: Runtime, what: str, record: Record | None 
         series_instance_uid=record.series_instance_uid if record else None)
 
 
-@router.get("/", include_in_schema=False, response_model=AnalysisList)
-@router.get("", response_model=AnalysisList, summary="Analyses of a study (or the latest)")
+@router.get("/", include_in_schema=False, response_model=AnalysisList,
+            dependencies=[READ_SCOPE])
+@router.get("", response_model=AnalysisList, summary="Analyses of a study (or the latest)",
+            dependencies=[READ_SCOPE])
 def list_analyses(
     request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
@@ -221,6 +233,7 @@ def list_analyses(
 
 
 @router.get("/{analysis_id}", response_model=Analysis, summary="Result or status",
+            dependencies=[READ_SCOPE],
             responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
 def get_analysis(analysis_id: str, request: Request,
                  rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
@@ -240,7 +253,7 @@ def _outputs(rt: Runtime, record: Record) -> Path:
     return rt.spool.result_folder(record.id)
 
 
-@router.get("/{analysis_id}/instances", response_class=Response,
+@router.get("/{analysis_id}/instances", response_class=Response, dependencies=[READ_SCOPE],
             summary="The Secondary Capture and SR instances",
             responses={200: {"content": {'multipart/related; type="application/dicom"': {}}}})
 def get_instances(analysis_id: str, request: Request,
@@ -260,6 +273,7 @@ def get_instances(analysis_id: str, request: Request,
 
 
 @router.get("/{analysis_id}/preview.png", response_class=FileResponse,
+            dependencies=[READ_SCOPE],
             summary="Montage of the most attended slices with their overlays",
             responses={200: {"content": {"image/png": {}}}})
 def get_preview(analysis_id: str, request: Request,
