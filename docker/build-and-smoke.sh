@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build docker/Dockerfile.cpu for real without a Docker engine, then start the image's own CMD and
-# smoke-test it: /healthz, /readyz, one analysis, one STOW-RS push, /metrics (docker/smoke_client.py).
+# smoke-test it: /healthz, /readyz, one analysis and its delivery to a STOW-RS sink, one STOW-RS
+# push, /metrics (docker/smoke_client.py).
 #
 #   docker/build-and-smoke.sh            (root; Debian packages buildah podman debootstrap)
 #
@@ -151,7 +152,7 @@ print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__versio
     #    on every interface of the CI machine: the smoke test narrows it to 127.0.0.1).
     #    Authentication stays on, as the image ships (issue 6): an API key file mounted
     #    read-only, as a Kubernetes Secret or a compose secret would be.
-    local port base rootfs cmd check written token="" auth=()
+    local port sink_port base rootfs cmd check written token="" auth=()
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     rm -rf "${work:?}/secrets" && mkdir -m 0755 "$work/secrets"
     if "${run[@]}" "$container" -- python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("service.auth") is None)'; then
@@ -163,11 +164,16 @@ print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__versio
         echo "note this build has no service.auth (issue 6): requests without a token"
     fi
     base=http://127.0.0.1:$port
+    # a STOW-RS sink on the host's loopback (docker/smoke_client.py starts it): the image must
+    # deliver a result with its own install (httpx was once only a dev extra)
+    sink_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     rootfs=$("${buildah[@]}" mount "$container")
     touch "$work/started"
     mapfile -t cmd <"$work/cmd"
     setsid "${run[@]}" --env FLAIRCAD_HOST=127.0.0.1 --env "FLAIRCAD_PORT=$port" \
         --env FLAIRCAD_STABILITY_WINDOW_S=1 "${auth[@]}" \
+        --env "FLAIRCAD_DESTINATIONS=[{\"name\": \"smoke-sink\", \"kind\": \"stow\", \"url\": \"http://127.0.0.1:$sink_port/dicom-web\"}]" \
+        --env FLAIRCAD_DELIVERY_BACKOFF_S=1 \
         "$container" -- "${cmd[@]}" >"$work/server.log" 2>&1 &
     server_pid=$!
     until python3 -c "import urllib.request; urllib.request.urlopen('$base/healthz', timeout=2)" 2>/dev/null; do
@@ -181,7 +187,8 @@ print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__versio
     "${run[@]}" --env "FLAIRCAD_PORT=$port" "$container" -- "${check[@]}" \
         || { echo "FAIL HEALTHCHECK"; return 1; }
     echo "ok   HEALTHCHECK command succeeds"
-    FLAIRCAD_SMOKE_TOKEN=$token python3 docker/smoke_client.py "$base" "$work/series/MS7" \
+    FLAIRCAD_SMOKE_TOKEN=$token FLAIRCAD_SMOKE_SINK_PORT=$sink_port \
+        python3 docker/smoke_client.py "$base" "$work/series/MS7" \
         "$work/series/cSVD8"
     phase "$name: smoke requests"
 

@@ -8,7 +8,10 @@ without it must be refused (401). Checks, in order: /healthz and /readyz answer 
 (multipart/related) analyses one phantom series synchronously (probabilities sum to 1, preview
 PNG and the SC + SR instances are served); a STOW-RS push of a second series (as Orthanc sends
 it) is stored and analysed once the stability window has passed; /metrics exposes flaircad_*
-series. Exit status 0 when all hold, 1 otherwise.
+series. With FLAIRCAD_SMOKE_SINK_PORT set, a STOW-RS sink listens on 127.0.0.1 at that port
+(the server is started with a destination to it) and the first analysis' SC + SR must reach
+it, the analysis' delivery reported "sent": the image's own install delivers results.
+Exit status 0 when all hold, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 TOKEN = os.environ.get("FLAIRCAD_SMOKE_TOKEN", "")
+SINK_PORT = int(os.environ.get("FLAIRCAD_SMOKE_SINK_PORT") or 0)
 
 
 def request(method: str, url: str, body: bytes | None = None,
@@ -62,6 +68,47 @@ def study_uid(path: Path) -> str:
     return data[at + 8:at + 8 + length].rstrip(b"\x00 ").decode("ascii")
 
 
+class Sink:
+    """A STOW-RS destination: keeps each POSTed body, answers 200 with an empty DICOM JSON
+    response (every instance stored)."""
+
+    def __init__(self, port: int) -> None:
+        self.bodies: list[bytes] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                sink.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def check_delivery(base: str, sink: Sink, result: dict) -> None:
+    """The analysis' SC + SR reach the sink and its delivery is reported sent."""
+    deadline = time.monotonic() + 60
+    deliveries: list[dict] = []
+    while time.monotonic() < deadline:
+        status, body, _ = request("GET", f"{base}/v1/analyses/{result['analysis_id']}")
+        deliveries = (json.loads(body).get("deliveries") or []) if status == 200 else []
+        if deliveries and deliveries[0]["state"] in ("sent", "failed"):
+            break
+        time.sleep(0.5)
+    check([d["state"] for d in deliveries] == ["sent"], "result delivered to the STOW-RS sink",
+          deliveries)
+    sr_uid = result["outputs"]["sr_sop_instance_uid"].encode()
+    check(any(sr_uid in body for body in sink.bodies), "the sink received the SR",
+          f"{len(sink.bodies)} requests, {sum(map(len, sink.bodies))} B")
+
+
 def check(condition: bool, what: str, detail: object = "") -> None:
     print(("ok   " if condition else "FAIL ") + what + (f": {detail}" if detail != "" else ""),
           flush=True)
@@ -70,6 +117,7 @@ def check(condition: bool, what: str, detail: object = "") -> None:
 
 
 def main(base: str, analyses_series: Path, stow_series: Path) -> None:
+    sink = Sink(SINK_PORT) if SINK_PORT else None
     for route in ("/healthz", "/readyz"):
         status, body, _ = request("GET", base + route)
         check(status == 200, f"GET {route} 200", body.decode(errors="replace")[:200])
@@ -103,6 +151,8 @@ def main(base: str, analyses_series: Path, stow_series: Path) -> None:
     status, body, headers = request("GET", base + result["outputs"]["instances_url"])
     check(status == 200 and headers.get("content-type", "").startswith("multipart/related"),
           "SC + SR instances served", f"{len(body)} B")
+    if sink is not None:
+        check_delivery(base, sink, result)
 
     payload, content_type = multipart_related(stow_series)
     status, body, _ = request("POST", base + "/dicomweb/studies", payload,

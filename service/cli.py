@@ -119,6 +119,10 @@ def _serve(args: argparse.Namespace) -> int:
             "service.app:create_app", factory=True, host=settings.host, port=settings.port,
             workers=workers, log_config=log_config, log_level=settings.log_level.lower(),
             access_log=False,  # the request middleware logs each request (route template)
+            # X-Forwarded-For/-Proto only from the configured proxies: uvicorn's default
+            # believes them from any 127.0.0.1 peer, which any local process (or a sidecar) is
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=settings.trusted_proxies,
             # h11 with bounded heads and timeouts (service/http_limits.py): httptools bounds
             # neither the request line nor the headers
             http="service.http_limits:BoundedH11Protocol",

@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.destinations import AE_TITLE_PATTERN, Destination
+from service.limits import DEFAULT_ANALYSIS_MEMORY_BYTES
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "flaircad-demo.onnx"
+
+
+def public_url(text: str) -> str:
+    """``http(s)://host[:port][/path]``, without a trailing slash; a query, fragment or
+    user info would end up in every URL built from it."""
+    url = urlsplit(text.strip())
+    if any(char.isspace() or not char.isprintable() for char in text.strip()):
+        raise ValueError("FLAIRCAD_PUBLIC_BASE_URL must not hold spaces or control characters")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("FLAIRCAD_PUBLIC_BASE_URL must be an absolute http(s) URL, not "
+                         f"{text[:80]!r}")
+    if url.query or url.fragment or url.username is not None or "?" in text or "#" in text:
+        raise ValueError("FLAIRCAD_PUBLIC_BASE_URL takes no query, fragment or user info")
+    try:
+        url.port  # noqa: B018 -- raises ValueError on a port that is no number or out of range
+    except ValueError:
+        raise ValueError(f"FLAIRCAD_PUBLIC_BASE_URL has no valid port: {text[:80]!r}") from None
+    return text.strip().rstrip("/")
+
+
+def proxy_network(text: str) -> str:
+    """An address or network as uvicorn's ``forwarded_allow_ips`` reads it: uvicorn takes a
+    malformed entry (or a network with host bits, ``10.0.0.1/8``) as a literal that matches
+    nothing, silently; here it is refused, and ``*`` too (that would trust every peer)."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("FLAIRCAD_TRUSTED_PROXIES takes IP addresses and CIDR networks, not "
+                         f"{text[:80]!r}") from None
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
 
 
 class Settings(BaseSettings):
@@ -48,6 +83,15 @@ class Settings(BaseSettings):
     stability_window_s: float = Field(
         5.0, ge=0, description="a STOW-RS series is complete after this long without new "
         "instances")
+    max_open_series: int = Field(
+        256, ge=1, description="most series in the stability window (received, not yet "
+        "claimed for analysis) per process; an instance that would open one more gets HTTP "
+        "503 too_many_open_series + Retry-After (C-STORE 0xA700); instances of open series "
+        "are always taken")
+    max_open_series_per_sender: int = Field(
+        128, ge=1, description="most open series of one sender (API key or JWT subject, DIMSE "
+        "calling AE title; the client address with authentication off), so one sender never "
+        "fills the window for the others")
     workers: int = Field(1, ge=1, description="analysis worker threads per process: analyses "
                          "run at the same time in one process")
     http_workers: int = Field(
@@ -120,6 +164,13 @@ class Settings(BaseSettings):
     max_series_bytes: int = Field(
         1024**3, gt=0, description="largest decoded series: Rows x Columns x frames x samples "
         "x bytes per sample, summed over its instances")
+    analysis_memory_bytes: int = Field(
+        DEFAULT_ANALYSIS_MEMORY_BYTES, ge=0, description="memory the analyses of the whole "
+        "container may add to its processes' RSS together: the memory limit minus each "
+        "process's base RSS (~400 MiB) and headroom. Each analysis gets this divided by "
+        "workers x http_workers; a series whose estimated peak (service/limits.py: 64 MiB + "
+        "16 bytes a voxel, measured) exceeds that is refused as series_too_large before it is "
+        "decoded. The default (2.5 GiB) fits the shipped 4 GiB pod; 0: not checked")
     wado_max_frames: int = Field(
         5000, ge=1, description="most distinct frames in one WADO-RS frames request (a frame "
         "named twice is sent once); HTTP 400 too_many_frames beyond. The default is "
@@ -130,11 +181,12 @@ class Settings(BaseSettings):
         False, description="serve without authentication (a warning at start-up); only for a "
         "demo on 127.0.0.1 (`make serve`)")
     api_keys: SecretStr | None = Field(
-        None, description="static API keys, comma- or newline-separated, each `name:key` (the "
-        "name is what the audit log records) or a bare key")
+        None, description="static API keys, comma- or newline-separated, each "
+        "`name:key[:scopes]` (the name is what the audit log records) or a bare key; scopes "
+        "`read`, `store` or `read+store`, none listed: all (a warning at start-up)")
     api_keys_file: Path | None = Field(
-        None, description="a file of API keys, one `name:key` per line (`#` comments): a "
-        "mounted secret")
+        None, description="a file of API keys, one `name:key[:scopes]` per line (`#` "
+        "comments): a mounted secret")
     jwt_public_key_file: Path | None = Field(
         None, description="PEM public key that verifies bearer JWTs")
     jwt_jwks_file: Path | None = Field(
@@ -147,6 +199,15 @@ class Settings(BaseSettings):
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="origins allowed by CORS, a JSON list; empty: CORS "
         "closed")
+    public_base_url: str | None = Field(
+        None, description="the service's address as clients reach it (e.g. "
+        "https://flaircad.hospital.org): the absolute URLs in responses (WADO-RS BulkDataURI, "
+        "QIDO-RS RetrieveURL) start with it; unset: they are path-absolute (/dicomweb/...). "
+        "Never taken from a request's Host or X-Forwarded-* headers")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or CIDR networks of reverse proxies whose "
+        'X-Forwarded-For and X-Forwarded-Proto are believed, a JSON list such as ["10.0.0.5"]'
+        "; empty: none, the client address is the connection's peer")
     audit_log: Path | None = Field(
         None, description="the audit trail (JSON lines); default: audit.jsonl in the spool")
     audit_max_bytes: int = Field(
@@ -165,6 +226,16 @@ class Settings(BaseSettings):
     audit_refusal_max_keys: int = Field(
         256, ge=1, description="most (reason, client address) counters per refusal window; "
         'refusals from further addresses are counted together under client "*"')
+
+    @field_validator("public_base_url", mode="before")
+    @classmethod
+    def _absolute_http_url(cls, value: object) -> str | None:
+        return None if value is None or str(value).strip() == "" else public_url(str(value))
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [proxy_network(item) for item in value]
 
     @field_validator("explanation", mode="before")
     @classmethod

@@ -250,8 +250,9 @@ class Spool:
 
     def remove_stale(self, max_age_s: float) -> int:
         """Remove what crashed writers left: staging folders of results and request folders
-        in which nothing was written for ``max_age_s``. Returns how many were removed."""
-        now, removed = time.time(), 0
+        in which nothing was written for ``max_age_s``, and the lock files of dead owners
+        (:meth:`remove_dead_owner_locks`). Returns how many were removed."""
+        now, removed = time.time(), self.remove_dead_owner_locks()
         candidates = [*self.tmp.iterdir(), *self.results.glob(".staging-*")]
         for folder in candidates:
             try:
@@ -286,11 +287,31 @@ class Spool:
         held while the process lives: the kernel drops it when the process dies, however it
         dies. Analyses record their owner's token; a process may take over analyses whose
         owner's lock is free (:meth:`owner_alive`). Needs one host's file system (flock)."""
+        self.remove_dead_owner_locks()
         token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path = self.owners / f"{token}.lock"
-        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        # locked under a hidden name, then renamed: a ``<token>.lock`` is never seen unlocked
+        # by another process's sweep, which would take this live owner for a dead one
+        making = self.owners / f".{token}{_MAKING}"
+        descriptor = os.open(making, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, path)
         return Lease(token, path, descriptor)
+
+    def remove_dead_owner_locks(self) -> int:
+        """Remove the lock files of owners that are gone (a killed process cannot remove its
+        own): a file whose lock can be taken has no live holder. Those that analyses still
+        name are removed by :meth:`owner_alive` too; the others would pile up, one per start
+        of a process that died. Returns how many were removed."""
+        removed = 0
+        for path in self.owners.iterdir():
+            name = path.name
+            if name.endswith(".lock") and not name.startswith("."):
+                removed += _remove_if_unlocked(path)
+            elif name.endswith(_MAKING) and _older_than(path, _MAKING_GRACE_S):
+                # a process that died between creating and renaming its lock file
+                removed += _remove_if_unlocked(path)
+        return removed
 
     def owner_alive(self, token: str | None) -> bool:
         if not token or "/" in token or token.startswith("."):
@@ -309,6 +330,38 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a dead owner's lock file
         return False
+
+
+_MAKING = ".lock-new"  # a lock file not yet renamed into place (Spool.acquire_lease)
+_MAKING_GRACE_S = 60.0  # creating, locking and renaming it takes microseconds
+
+
+def _older_than(path: Path, age_s: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > age_s
+    except FileNotFoundError:
+        return False
+
+
+def _remove_if_unlocked(path: Path) -> int:
+    """Unlink ``path`` if nobody holds its lock; 1 if it was removed."""
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError:  # gone already, or not ours to open
+        return 0
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a live owner
+        os.close(descriptor)
+        return 0
+    try:
+        # unlinked while still held: what is removed is the file found unowned
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    finally:
+        os.close(descriptor)
+    return 1
 
 
 @dataclass

@@ -36,13 +36,14 @@ from pydicom.dataelem import RawDataElement
 from service import audit, logs
 from service.api.deps import Runtime, runtime
 from service.api.problems import PROBLEM_JSON, Problem
-from service.api.security import client_of, principal_of
+from service.api.security import READ_SCOPE, client_of, principal_of
 from service.forward import result_files
 from service.multipart import MediaType
 from service.spool import safe_uid
 from service.store import Status
 
-router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
+# results, and UIDs of examinations: the read scope
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"], dependencies=[READ_SCOPE])
 
 DICOM_JSON = "application/dicom+json"
 _NATIVE = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
@@ -197,7 +198,14 @@ def _dicom_parts(request: Request, instances: list[_Instance]) -> Response:
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+    """The DICOMweb root for the URLs in responses: FLAIRCAD_PUBLIC_BASE_URL when set, else a
+    path-absolute reference (PS3.5 allows relative URIs in UR; OHIF resolves one starting
+    with / against its wadoRoot). Never the request's Host or X-Forwarded-* headers: a client
+    sets those, and a cache or viewer would follow links to the host it named."""
+    public: str | None = runtime(request).settings.public_base_url
+    # root_path is uvicorn's own setting (--root-path), not a request header
+    prefix = public if public else str(request.scope.get("root_path", "")).rstrip("/")
+    return prefix + "/dicomweb"
 
 
 def _metadata(request: Request, instance: _Instance) -> dict[str, Any]:
