@@ -37,11 +37,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model_export.phantoms import write_dicom_series  # noqa: E402
-from service.config import BUNDLED_MODEL  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.preprocess import preprocess  # noqa: E402
-from service.volume import load_series_volume  # noqa: E402
+from service.core.config import BUNDLED_MODEL  # noqa: E402
+from service.core.preprocess import preprocess  # noqa: E402
+from service.core.volume import load_series_volume  # noqa: E402
+from service.phantoms import write_dicom_series  # noqa: E402
+from service.pipeline.engine import Engine  # noqa: E402
 
 STAGES = ("decode", "volume", "preprocess", "inference", "render", "encode", "total")
 

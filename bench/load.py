@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model_export.phantoms import write_dicom_series  # noqa: E402
+from service.phantoms import write_dicom_series  # noqa: E402
 
 BOUNDARY = "flaircad-load"
 

@@ -1,21 +1,23 @@
-"""Peak memory of one whole analysis, per decoded voxel: what ``service.limits`` admits by.
+"""Peak memory of one whole analysis, per decoded voxel: what ``service.core.limits`` admits by.
 
     .venv/bin/python bench/memory_peak.py [--shapes 24x256,60x1024,60x2048,sag200x512]
 
 Each shape (``SLICESxMATRIX``; ``sag`` = the sagittal phantom, 200 slices) is written once as
 an uncompressed 16-bit MR FLAIR series (the axial or sagittal phantom of
-``model_export.phantoms``, its slices resized to the matrix, pixel spacing scaled to keep the
+``service.phantoms``, its slices resized to the matrix, pixel spacing scaled to keep the
 field of view). Uncompressed is the worst case: the series' pixel bytes are held while the
 volume is built, where RLE would hold a few MiB; after the decode the pipeline is the same.
 
 Each analysis runs in a fresh interpreter (``--child FOLDER``): the bundled model loaded and
 one small analysis run first (imports, codecs, onnxruntime arenas: what a running service
 already holds), then the peak-RSS mark reset (Linux ``/proc/self/clear_refs`` = 5) and
-:func:`service.analysis.analyse` run on the series, with the outputs written as the scheduler
+:func:`service.pipeline.analysis.analyse` run on the series
+ with the outputs written as the scheduler
 writes them. Reported: RSS before, peak RSS growth (VmHWM − RSS before), and that growth per
 voxel (slices × rows × columns) and per decoded byte (2 per voxel for 16-bit data). A line
 fitted through the shapes gives ``growth ≈ base + k × voxels``, the constants of
-:data:`service.limits.ANALYSIS_BASE_BYTES` and :data:`service.limits.ANALYSIS_BYTES_PER_VOXEL`.
+:data:`service.core.limits.ANALYSIS_BASE_BYTES` and
+:data:`service.core.limits.ANALYSIS_BYTES_PER_VOXEL`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def write_series(folder: Path, slices: int, matrix: int, *, sagittal: bool = Fal
     import numpy as np
     import pydicom
 
-    from model_export.phantoms import write_dicom_series
+    from service.phantoms import write_dicom_series
 
     variant = "sagittal" if sagittal else "axial"
     paths = write_dicom_series("MS", 1, folder, variant=variant, slices=slices)
@@ -68,11 +70,11 @@ def write_series(folder: Path, slices: int, matrix: int, *, sagittal: bool = Fal
 
 def child(folder: Path, warm: Path) -> dict[str, Any]:
     """One analysis of ``folder`` in this (fresh) interpreter, after a warm-up on ``warm``."""
-    from service.analysis import analyse, write_outputs
-    from service.config import BUNDLED_MODEL
-    from service.engine import Engine
-    from service.ingest import iter_folder
-    from service.limits import decoded_bytes
+    from service.core.config import BUNDLED_MODEL
+    from service.core.ingest import iter_folder
+    from service.core.limits import decoded_bytes
+    from service.pipeline.analysis import analyse, write_outputs
+    from service.pipeline.engine import Engine
 
     engine = Engine(BUNDLED_MODEL, ["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as out:

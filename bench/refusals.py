@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import audit, logs
-from service.app import create_app
-from service.config import Settings
+from service.core.config import Settings
+from service.runtime import audit, logs
+from service.runtime.app import create_app
 
 
 async def refuse(app: object, count: int, clients: int) -> dict[int, int]:

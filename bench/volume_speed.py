@@ -1,16 +1,16 @@
-"""DICOM series → 3D volume: flaircad (service.volume) vs dcm2niix, on the same files.
+"""DICOM series → 3D volume: flaircad (service.core.volume) vs dcm2niix, on the same files.
 
     .venv/bin/python bench/volume_speed.py [--runs 7] [--samples ../shared/dicom-samples]
 
 What is timed, median of ``--runs`` after one warm-up each:
-  - ours: ``service.volume.load_folder(folder)`` in this process: read every file, group,
+  - ours: ``service.core.volume.load_folder(folder)`` in this process: read every file, group,
     check, sort, decode, rescale to float32, affine. Python start-up and imports not counted.
   - dcm2niix: the ``dcm2niix -z n -b n`` subprocess, wall clock, writing an *uncompressed*
     NIfTI into a temporary folder (``-z n``: gzip would only slow it down). Its process start
     and its NIfTI write are inside its time; ours writes nothing.
 The ratio is ours / dcm2niix (goal ≤ 1.0).
 
-Series: phantom FLAIR series written by model_export.phantoms (axial 30 slices 256², sagittal
+Series: phantom FLAIR series written by service.phantoms (axial 30 slices 256², sagittal
 200 slices 200²), uncompressed and JPEG-LS lossless (axial also JPEG 2000 lossless), and the
 real Siemens XA30 MPRAGE in JPEG Lossless SV1 (96 slices 128², and its first 30). pydicom
 cannot *write* JPEG Lossless SV1, so that codec is only benchmarked on the real sample;
@@ -43,7 +43,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from service.volume import load_folder
+from service.core.volume import load_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def _status_kib(field: str) -> int:
 
 def measure_memory(folder: Path) -> dict[str, float | str]:
     """Run in a fresh interpreter (``--memory FOLDER``)."""
-    from service.volume import load_sources
+    from service.core.volume import load_sources
 
     # imports and codecs loaded, as in a running service, before anything is measured
     load_sources(sorted(folder.iterdir())[:2])
@@ -128,7 +128,7 @@ def defragment(source: Path, target: Path, first: int | None = None) -> Path:
 
 
 def cases(workdir: Path, samples: Path) -> list[tuple[str, Path]]:
-    from model_export.phantoms import write_dicom_series
+    from service.phantoms import write_dicom_series
 
     found = []
     names = {None: "uncompressed", "jpegls": "JPEG-LS", "jpeg2000": "JPEG 2000"}

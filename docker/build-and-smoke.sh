@@ -132,10 +132,10 @@ import importlib.util, shutil
 tools = [t for t in ("gcc", "cc", "g++", "make", "pip") if shutil.which(t)]
 assert not tools, f"build tools in the final image: {tools}"
 assert importlib.util.find_spec("torch") is None, "torch is in the image"
-import onnxruntime, service.config
-assert service.config.BUNDLED_MODEL.is_file(), "the demo model is not baked in"
+import onnxruntime, service.core.config
+assert service.core.config.BUNDLED_MODEL.is_file(), "the demo model is not baked in"
 print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__version__,
-      onnxruntime.get_available_providers(), "bundled model", service.config.BUNDLED_MODEL.name)'
+      onnxruntime.get_available_providers(), "bundled model", service.core.config.BUNDLED_MODEL.name)'
     phase "$name: inspect image"
 
     # 4. Phantom series written by the image itself (flaircad phantom) into a host folder.
@@ -155,13 +155,13 @@ print("ok   uid 10001, no compiler/pip/torch, onnxruntime", onnxruntime.__versio
     local port sink_port base rootfs cmd check written token="" auth=()
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     rm -rf "${work:?}/secrets" && mkdir -m 0755 "$work/secrets"
-    if "${run[@]}" "$container" -- python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("service.auth") is None)'; then
+    if "${run[@]}" "$container" -- python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("service.runtime.auth") is None)'; then
         token=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
         printf 'smoke:%s\n' "$token" >"$work/secrets/api-keys" && chmod 0644 "$work/secrets/api-keys"
         auth=(--volume "$work/secrets:/run/secrets/flaircad:ro"
               --env FLAIRCAD_API_KEYS_FILE=/run/secrets/flaircad/api-keys)
     else
-        echo "note this build has no service.auth (issue 6): requests without a token"
+        echo "note this build has no service.runtime.auth (issue 6): requests without a token"
     fi
     base=http://127.0.0.1:$port
     # a STOW-RS sink on the host's loopback (docker/smoke_client.py starts it): the image must

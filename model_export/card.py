@@ -129,7 +129,8 @@ def render_block(report: dict[str, Any]) -> str:
         f"`{model['sha256'][:16]}…`), temperature T = {model['temperature']:.3f}, OOD "
         f"threshold {model['ood_threshold']:.3f} ({model['ood_method']}). Every phantom went "
         "through the service's own path: DICOM files written, read back by the volume builder, "
-        "preprocessed from the model's metadata, run by `service.engine.Engine`, maps brought "
+        "preprocessed from the model's metadata, run by `service.pipeline.engine.Engine`, maps "
+        "brought "
         "back to the source grid and scored there; the real series were read by the volume "
         "builder, or from their reference NIfTI where it rejects them (4D, mosaic)."
         + (" **Quick run** (reduced cohorts)." if settings["quick"] else ""),

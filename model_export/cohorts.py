@@ -1,9 +1,11 @@
 """The evaluation's inputs and how one of them is scored through the service's own code path.
 
-A phantom job is written as real DICOM (``model_export.phantoms.write_dicom_series``) into a
+A phantom job is written as real DICOM (``service.phantoms.write_dicom_series``) into a
 temporary folder, read back by the service's volume builder, preprocessed with the model's own
-metadata and run by :class:`service.engine.Engine`; every map is brought back to the source grid
-with :func:`service.overlay.cam_to_source` and scored there against the phantom's truth. A real
+metadata and run by :class:`service.pipeline.engine.Engine`; every map is brought back to the
+source grid
+with :func:`service.pipeline.overlay.cam_to_source` and scored there against the phantom's truth. A
+real
 job reads a scanner series the same way, or one time point of a NIfTI when the volume builder
 rejects the series (4D, mosaic).
 """
@@ -20,12 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from model_export import phantoms, seeds
+from model_export import seeds
 from model_export.scoring import dilate_lesions, map_stats
-from service.contract import EXPLANATIONS
-from service.engine import Engine
-from service.overlay import cam_to_source
-from service.preprocess import preprocess
+from service import phantoms
+from service.core.contract import EXPLANATIONS
+from service.core.preprocess import preprocess
+from service.pipeline.engine import Engine
+from service.pipeline.overlay import cam_to_source
 
 MAPS: tuple[str, ...] = tuple(EXPLANATIONS)  # hirescam, gradcam, attention
 RADIUS_MM = 7.5
@@ -150,7 +153,7 @@ def _outputs(out: Any) -> dict[str, Any]:
 
 
 def score_phantom(engine: Engine, job: Job) -> dict[str, Any]:
-    from service.volume import load_series_volume
+    from service.core.volume import load_series_volume
 
     cohort = BY_NAME[job.cohort]
     label, seed = job.label, cohort.seed(job.i)
@@ -183,7 +186,7 @@ def score_real(engine: Engine, job: Job) -> dict[str, Any]:
     assert job.source is not None
     path = Path(job.source)
     if path.is_dir():
-        from service.volume import load_series_volume
+        from service.core.volume import load_series_volume
 
         volume = load_series_volume(path)
         array, affine = volume.array, volume.affine_lps
@@ -208,7 +211,7 @@ def real_jobs(samples: Path, *, first_only: bool = False) -> tuple[list[Job], li
     rejects a folder (4D, mosaic), one per 3D time point of its reference NIfTI files."""
     import nibabel
 
-    from service.volume import load_folder
+    from service.core.volume import load_folder
 
     jobs: list[Job] = []
     notes: list[dict[str, Any]] = []

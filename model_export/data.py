@@ -1,6 +1,7 @@
 """Cohorts for training: an index CSV of NIfTI files / DICOM folders, or generated phantoms.
 
-Every volume goes through :func:`service.preprocess.preprocess`, the same code the service runs.
+Every volume goes through :func:`service.core.preprocess.preprocess`, the same code the service
+runs.
 Splits are by patient (stratified group k-fold), never by file.
 """
 
@@ -15,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from model_export.phantoms import CLASS_NAMES, generate_phantom
 from model_export.seeds import classifier_seed
-from service.preprocess import (
+from service.core.preprocess import (
     PreprocessingConfig,
     preprocess,
     reorient_to_canonical,
     resize_area,
 )
+from service.phantoms import CLASS_NAMES, generate_phantom
 
 # NIfTI stores RAS; DICOM and our affines are LPS.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -45,7 +46,7 @@ def load_volume(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.flo
     """A NIfTI file or a folder of one DICOM series → (array, affine to LPS)."""
     if path.is_dir():
         # The service's DICOM reader: one implementation, the same typed rejections.
-        from service.volume import load_series_volume
+        from service.core.volume import load_series_volume
 
         volume = load_series_volume(path)
         return volume.array, volume.affine_lps

@@ -42,7 +42,7 @@ from model_export.scoring import (
     reliability,
     uncalibrated_probabilities,
 )
-from service.engine import Engine
+from service.pipeline.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "dicom-samples"

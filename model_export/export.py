@@ -2,7 +2,7 @@
 
     python -m model_export.export runs/demo/model.pt --out service/models/flaircad-demo.onnx
 
-The graph (``service.contract.OUTPUT_NAMES``) gives calibrated probabilities, the attention,
+The graph (``service.core.contract.OUTPUT_NAMES``) gives calibrated probabilities, the attention,
 HiResCAM and Grad-CAM for ``target_class``, and the distance from the training data. The export
 verifies itself in onnxruntime against PyTorch at several (batch, slices) shapes and refuses to
 write a model that misses the bounds: probabilities and attention max |Δ| ≤ 1e-5, distance
@@ -35,9 +35,9 @@ from model_export.model import (
     embedding_dim,
     volume_embedding,
 )
-from model_export.phantoms import generate_phantom
-from service.contract import CHECKPOINT_FORMAT, INPUT_NAMES, INTENDED_USE, OUTPUT_NAMES
-from service.preprocess import PreprocessingConfig, preprocess, resize_area
+from service.core.contract import CHECKPOINT_FORMAT, INPUT_NAMES, INTENDED_USE, OUTPUT_NAMES
+from service.core.preprocess import PreprocessingConfig, preprocess, resize_area
+from service.phantoms import generate_phantom
 
 OPSET = 18
 PROBABILITY_TOLERANCE = 1e-5

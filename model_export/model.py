@@ -442,7 +442,7 @@ class ExplainedOutput(NamedTuple):
 class ExplainedClassifier(nn.Module):
     """The exported graph: calibrated classification, its explanation maps for
     ``target_class`` and the distance from the training data, in one pass. Output order is
-    ``service.contract.OUTPUT_NAMES``."""
+    ``service.core.contract.OUTPUT_NAMES``."""
 
     def __init__(self, model: AttentionClassifier, temperature: float = 1.0,
                  distance: EmbeddingDistance | None = None):

@@ -32,14 +32,14 @@ from tqdm import tqdm
 from model_export import seeds
 from model_export.metrics import roc_auc
 from model_export.model import ModelConfig, ResNetBackbone, SpatialAttention
-from model_export.phantoms import CLASS_NAMES, LESION_SITES, generate_phantom
 from model_export.train import PRESETS, augment, seed_everything
-from service.preprocess import (
+from service.core.preprocess import (
     PreprocessingConfig,
     preprocess,
     reorient_to_canonical,
     resize_area,
 )
+from service.phantoms import CLASS_NAMES, LESION_SITES, generate_phantom
 
 # Phantom seeds for pretraining: (PRETRAIN_SEED_BASE + run seed) * 100_000 + i, inside
 # seeds.PRETRAIN, which no classifier, evaluation or test cohort shares.

@@ -27,10 +27,10 @@ import torch
 from model_export import seeds
 from model_export.data import Sample, _phantom_sample, make_splits, phantom_cohort
 from model_export.model import AttentionClassifier, ModelConfig
-from model_export.phantoms import CLASS_NAMES
 from model_export.train import calibrate
-from service.contract import CHECKPOINT_FORMAT
-from service.preprocess import PreprocessingConfig
+from service.core.contract import CHECKPOINT_FORMAT
+from service.core.preprocess import PreprocessingConfig
+from service.phantoms import CLASS_NAMES
 
 FORMAT_1_INPUT_OFFSET = 0.5
 

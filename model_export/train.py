@@ -43,9 +43,9 @@ from model_export.model import (
     load_pretrained_backbone,
     volume_embedding,
 )
-from model_export.phantoms import CLASS_NAMES
-from service.contract import CHECKPOINT_FORMAT
-from service.preprocess import PreprocessingConfig
+from service.core.contract import CHECKPOINT_FORMAT
+from service.core.preprocess import PreprocessingConfig
+from service.phantoms import CLASS_NAMES
 
 
 @dataclass(frozen=True)
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phantoms:
         samples = phantom_cohort(args.phantoms, preprocessing, seed=cfg.seed,
                                  workers=args.threads)
-        cohort = {"kind": "synthetic FLAIR phantoms (model_export.phantoms)",
+        cohort = {"kind": "synthetic FLAIR phantoms (service.phantoms)",
                   "n": args.phantoms, "seed": cfg.seed}
     else:
         samples = read_index(args.index, preprocessing)

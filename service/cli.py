@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the subcommands import what they need when they run
-    from service.config import Settings
-    from service.flair import RuleSet
-    from service.volume import SeriesOutcome
+    from service.core.config import Settings
+    from service.core.flair import RuleSet
+    from service.core.volume import SeriesOutcome
 
 RESEARCH_NOTICE = "flaircad: RESEARCH USE ONLY, NOT FOR DIAGNOSIS."
 
@@ -22,7 +22,7 @@ def _settings(command: str) -> Settings | None:
     command then exits 2 instead of starting)."""
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.core.config import Settings
 
     try:
         return Settings()
@@ -38,7 +38,7 @@ def _phantom(args: argparse.Namespace) -> int:
     # Imported here so that `flaircad --help` and the service never pay for (or need) it.
     from dataclasses import asdict
 
-    from model_export.phantoms import Shift, write_dicom_series, write_lesion_seg
+    from service.phantoms import Shift, write_dicom_series, write_lesion_seg
 
     seg_path: Path | None = args.lesion_seg
     if seg_path is not None and seg_path.resolve().is_relative_to(args.out.resolve()):
@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service import logs
+    from service.runtime import logs
 
     # Command-line values travel as FLAIRCAD_* variables: with --workers the worker processes
     # build their own Settings from the environment.
@@ -116,16 +116,16 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run(
-            "service.app:create_app", factory=True, host=settings.host, port=settings.port,
+            "service.runtime.app:create_app", factory=True, host=settings.host, port=settings.port,
             workers=workers, log_config=log_config, log_level=settings.log_level.lower(),
             access_log=False,  # the request middleware logs each request (route template)
             # X-Forwarded-For/-Proto only from the configured proxies: uvicorn's default
             # believes them from any 127.0.0.1 peer, which any local process (or a sidecar) is
             proxy_headers=bool(settings.trusted_proxies),
             forwarded_allow_ips=settings.trusted_proxies,
-            # h11 with bounded heads and timeouts (service/http_limits.py): httptools bounds
+            # h11 with bounded heads and timeouts (service/intake/http_limits.py): httptools bounds
             # neither the request line nor the headers
-            http="service.http_limits:BoundedH11Protocol",
+            http="service.intake.http_limits:BoundedH11Protocol",
             h11_max_incomplete_event_size=settings.http_max_header_bytes,
             # connections still open once the analyses have drained get this long
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
@@ -141,7 +141,7 @@ def _serve_preflight(settings: Settings) -> str | None:
     (uvicorn would find that out only after the app had started and logged "ready")."""
     import socket
 
-    from service.auth import Authenticator, check_configured
+    from service.runtime.auth import Authenticator, check_configured
 
     try:
         check_configured(settings, Authenticator.from_settings(settings))
@@ -161,7 +161,7 @@ def _serve_preflight(settings: Settings) -> str | None:
 def _inspect_record(
     outcome: SeriesOutcome, rules: RuleSet, nifti_dir: Path | None
 ) -> dict[str, object]:
-    from service.volume import nifti_layout, orientation_code, to_nifti
+    from service.core.volume import nifti_layout, orientation_code, to_nifti
 
     info = outcome.info
     match = rules.evaluate(info.attributes)
@@ -198,8 +198,8 @@ def _inspect_record(
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from service.flair import RulesError, load_rules
-    from service.volume import load_folder
+    from service.core.flair import RulesError, load_rules
+    from service.core.volume import load_folder
 
     folder: Path = args.series_dir
     if not folder.is_dir():
@@ -231,10 +231,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from service.analysis import AnalysisRejected, analyse, write_outputs
-    from service.engine import Engine
-    from service.flair import RulesError, load_rules
-    from service.ingest import iter_folder
+    from service.core.flair import RulesError, load_rules
+    from service.core.ingest import iter_folder
+    from service.pipeline.analysis import AnalysisRejected, analyse, write_outputs
+    from service.pipeline.engine import Engine
 
     folder: Path = args.series_dir
     if not folder.is_dir():
@@ -283,8 +283,8 @@ def _dimse(args: argparse.Namespace) -> int:
     import logging.config
     import os
 
-    from service import logs
-    from service.pacs import run_standalone
+    from service.runtime import logs
+    from service.runtime.pacs import run_standalone
 
     for name, value in (("MODEL_PATH", args.model), ("DIMSE_HOST", args.host),
                         ("DIMSE_PORT", args.port), ("DIMSE_AE_TITLE", args.ae_title)):
@@ -310,7 +310,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+    from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 
     parser = argparse.ArgumentParser(
         prog="flaircad",

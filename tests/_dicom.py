@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
-from service.volume import SeriesVolume, nifti_layout
+from service.core.volume import SeriesVolume, nifti_layout
 
 TOL_MM = 1e-3
 TOL_RAD = 1e-4

@@ -16,8 +16,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.config import Settings
+from service.core.config import Settings
+from service.runtime.app import create_app
 
 KEY = "test-key-6f1c2a9e8b7d4c3f"  # the API key of the "tester" in servers made here
 

@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from service.app import create_app
-from service.config import Settings
+from service.core.config import Settings
+from service.runtime.app import create_app
 from tests.conftest import require
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

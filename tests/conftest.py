@@ -56,7 +56,7 @@ PhantomFactory = Callable[..., Path]
 def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> PhantomFactory:
     """``phantom_series(variant="axial", compress=None, slices=None, label="MS", seed=1)`` → a
     folder holding that phantom DICOM series, written once per test session."""
-    from model_export.phantoms import write_dicom_series
+    from service.phantoms import write_dicom_series
 
     cache: dict[tuple[object, ...], Path] = {}
     root = tmp_path_factory.mktemp("phantoms")

@@ -15,15 +15,15 @@ import pytest
 
 from model_export import seeds
 from model_export.metrics import cam_peak_hits
-from model_export.phantoms import generate_phantom
-from service.analysis import AnalysisRejected, analyse
 from service.cli import main
-from service.config import BUNDLED_MODEL
-from service.engine import Engine
-from service.ingest import iter_folder
-from service.overlay import cam_to_source
-from service.preprocess import preprocess
-from service.volume import load_series_volume
+from service.core.config import BUNDLED_MODEL
+from service.core.ingest import iter_folder
+from service.core.preprocess import preprocess
+from service.core.volume import load_series_volume
+from service.phantoms import generate_phantom
+from service.pipeline.analysis import AnalysisRejected, analyse
+from service.pipeline.engine import Engine
+from service.pipeline.overlay import cam_to_source
 from tests.conftest import PhantomFactory
 from tests.test_sc_sr import FakeEngine
 

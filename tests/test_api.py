@@ -17,9 +17,9 @@ import pydicom
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.config import Settings
-from service.multipart import MediaType, parse_multipart
+from service.core.config import Settings
+from service.intake.multipart import MediaType, parse_multipart
+from service.runtime.app import create_app
 from tests.conftest import PhantomFactory
 
 

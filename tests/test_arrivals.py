@@ -19,14 +19,14 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from service.arrivals import ArrivalWindow, series_of_part
-from service.config import Settings
-from service.dimse import OUT_OF_RESOURCES, SUCCESS, DimseListener
-from service.multipart import Part
-from service.scheduler import Scheduler
-from service.spool import SeriesKey, Spool
-from service.store import AnalysisStore
-from service.stow import store_parts
+from service.core.config import Settings
+from service.intake.dimse import OUT_OF_RESOURCES, SUCCESS, DimseListener
+from service.intake.multipart import Part
+from service.intake.stow import store_parts
+from service.runtime.arrivals import ArrivalWindow, series_of_part
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import SeriesKey, Spool
+from service.storage.store import AnalysisStore
 from tests._dicom import encode
 from tests._live import KEY, Live, related, running, settings_for
 from tests.conftest import PhantomFactory
@@ -208,7 +208,7 @@ def test_a_failed_claim_keeps_the_series_and_retries_with_backoff(
         await scheduler.stop(grace_s=5)
         return left
 
-    with caplog.at_level(logging.WARNING, logger="service.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="service.runtime.scheduler"):
         assert asyncio.run(run()) == 0  # claimed: out of the window
     assert len(claims) == 2, claims
     assert claims[1] - claims[0] >= 0.9  # backed off, did not spin

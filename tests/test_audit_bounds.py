@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service import audit
-from service.audit import AuditLog
-from service.spool import Spool
+from service.runtime import audit
+from service.runtime.audit import AuditLog
+from service.storage.spool import Spool
 from tests._live import KEY, Live, related, running, settings_for
 from tests.conftest import PhantomFactory
 

@@ -22,7 +22,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.api import body as body_module
-from service.multipart import (
+from service.intake.multipart import (
     MAX_KEPT_HEADER_BYTES,
     MAX_PART_HEADER_LINES,
     MediaType,

@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 from model_export.export import verify
-from model_export.phantoms import generate_phantom
-from service.config import BUNDLED_MODEL
-from service.engine import Engine, ModelContractError
-from service.preprocess import preprocess
+from service.core.config import BUNDLED_MODEL
+from service.core.preprocess import preprocess
+from service.phantoms import generate_phantom
+from service.pipeline.engine import Engine, ModelContractError
 from tests.conftest import REPO
 
 CHECKPOINT = REPO / "model_export" / "checkpoints" / "flaircad-demo.pt"
@@ -95,10 +95,10 @@ def test_cuda_is_asked_for_only_where_it_loads(caplog: pytest.LogCaptureFixture)
     """onnxruntime-gpu lists CUDA as available on any host; asked for where its libraries are
     missing it writes an error at every start. The engine asks only when the provider library
     loads, and says in one info line why it did not."""
-    from service.engine import cuda_unloadable_reason
+    from service.pipeline.engine import cuda_unloadable_reason
 
     why = cuda_unloadable_reason()
-    with caplog.at_level(logging.INFO, logger="service.engine"):
+    with caplog.at_level(logging.INFO, logger="service.pipeline.engine"):
         engine = Engine(BUNDLED_MODEL, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     if why is None:  # a GPU host with its libraries: CUDA is asked for and used
         assert engine.requested_providers[0] == "CUDAExecutionProvider"

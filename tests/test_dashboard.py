@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.registry import Collector
 
-from service import metrics
+from service.runtime import metrics
 from tests.conftest import REPO, require
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "flaircad.json"

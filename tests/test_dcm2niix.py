@@ -15,8 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from service.ingest import Code
-from service.volume import load_folder, load_sources
+from service.core.ingest import Code
+from service.core.volume import load_folder, load_sources
 from tests._dicom import assert_matches_reference, reference
 from tests.conftest import PhantomFactory
 

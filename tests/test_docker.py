@@ -122,7 +122,11 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!service/", "!model_export/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!service/"} <= set(lines)
+    # the images serve: training (model_export/, torch) is not in them (issue 14)
+    assert not any("model_export" in line for line in lines)
+    for dockerfile in DOCKERFILES.values():
+        assert "model_export" not in dockerfile.read_text()
     for step, rest in _instructions(DOCKERFILES["cpu"]):
         if step == "COPY" and not rest.startswith("--from"):
             for source in rest.split()[:-1]:
@@ -175,12 +179,12 @@ def test_compose_services_builds_mounts_and_ports(compose: dict[str, Any]) -> No
 
 def test_compose_environment_names_real_settings(compose: dict[str, Any],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.config import Settings
+    from service.core.config import Settings
 
     known = {f"FLAIRCAD_{name.upper()}" for name in Settings.model_fields}
     environment = compose["services"]["flaircad"]["environment"]
     for name, value in environment.items():
-        assert name in known, f"{name} is not a setting of service/config.py"
+        assert name in known, f"{name} is not a setting of service/core/config.py"
         monkeypatch.setenv(name, value)
     settings = Settings()  # the values parse as the service parses them
     assert settings.auth_disabled is True  # the loopback-only lab; nothing else authenticates
@@ -200,7 +204,7 @@ def test_compose_gpu_override_swaps_image_and_reserves_one_gpu() -> None:
 def test_orthanc_routes_stable_mr_series_to_flaircad_and_never_its_results(
         compose: dict[str, Any]) -> None:
     from service.api.dicomweb import router
-    from service.sc import series_description
+    from service.pipeline.sc import series_description
 
     config = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
     servers = config["DicomWeb"]["Servers"]
@@ -219,7 +223,7 @@ def test_orthanc_routes_stable_mr_series_to_flaircad_and_never_its_results(
     assert 'if modality ~= "MR" or manufacturer == "flaircad" or' in lua
     assert 'string.lower(string.sub(description, 1, 8)) == "flaircad" then' in lua
     assert series_description("MS").lower().startswith("flaircad")
-    from service.sr import SOFTWARE
+    from service.pipeline.sr import SOFTWARE
     assert SOFTWARE == "flaircad"
     # Results go back to the same Orthanc (its DICOMweb root), where the guards meet them.
     environment = compose["services"]["flaircad"]["environment"]

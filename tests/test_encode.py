@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from service import sc
-from service.analysis import analyse
-from service.config import BUNDLED_MODEL
-from service.engine import Engine
+from service.core.config import BUNDLED_MODEL
+from service.pipeline import sc
+from service.pipeline.analysis import analyse
+from service.pipeline.engine import Engine
 from tests.conftest import PhantomFactory
 
 

@@ -24,22 +24,22 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from service import cli
-from service.analysis import Analysis, analyse
-from service.config import Settings
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.ingest import iter_folder
-from service.overlay import (
+from service.core.config import Settings
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.core.ingest import iter_folder
+from service.core.preprocess import PreprocessingConfig, preprocess
+from service.core.volume import load_series_volume
+from service.pipeline.analysis import Analysis, analyse
+from service.pipeline.overlay import (
     OUTSIDE_DISTRIBUTION_BANNER,
     RESEARCH_BANNER,
     Banner,
     burn_banner,
     cam_to_source,
 )
-from service.preprocess import PreprocessingConfig, preprocess
-from service.scheduler import Scheduler
-from service.spool import Spool
-from service.store import AnalysisStore, Status
-from service.volume import load_series_volume
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import Spool
+from service.storage.store import AnalysisStore, Status
 from tests.conftest import PhantomFactory
 from tests.test_sc_sr import CAM_GRID, OOD_THRESHOLD, FakeEngine
 
@@ -253,7 +253,7 @@ def test_invalid_setting_is_refused_at_start(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("FLAIRCAD_EXPLANATION", "saliency")
     with pytest.raises(ValidationError, match="must be one of hirescam, gradcam, attention"):
         Settings()
-    from service.app import create_app
+    from service.runtime.app import create_app
     with pytest.raises(ValidationError):
         create_app()
     for command in (["serve"], ["dimse"], ["analyze", str(tmp_path), "--out",
@@ -267,7 +267,8 @@ def test_invalid_setting_is_refused_at_start(monkeypatch: pytest.MonkeyPatch,
 def test_flaircad_analyze_explanation_option_and_setting(
         phantom_series: PhantomFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr("service.engine.Engine", lambda *args, **kwargs: _three_maps_engine())
+    monkeypatch.setattr("service.pipeline.engine.Engine",
+                        lambda *args, **kwargs: _three_maps_engine())
     folder = phantom_series(slices=6)
     monkeypatch.setenv("FLAIRCAD_EXPLANATION", "gradcam")
     assert cli.main(["analyze", str(folder), "--out", str(tmp_path / "a")]) == 0

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-import service.analysis
-from service.config import Settings
-from service.destinations import Destination
-from service.forward import DeliveryState, DeliveryStore, Forwarder
-from service.scheduler import MAX_STARTS, Scheduler
-from service.spool import Spool
-from service.store import AnalysisStore, Record, Status
+import service.pipeline.analysis
+from service.core.config import Settings
+from service.core.destinations import Destination
+from service.runtime.forward import DeliveryState, DeliveryStore, Forwarder
+from service.runtime.scheduler import MAX_STARTS, Scheduler
+from service.storage.spool import Spool
+from service.storage.store import AnalysisStore, Record, Status
 from tests._pacs import Flaircad, flaircad_settings, free_port, wait_until
 from tests.conftest import PhantomFactory
 from tests.test_forward import SLICES, StowReceiver, _analyse
@@ -37,7 +37,7 @@ class _Engine:
 
 @dataclass
 class _Analysis:
-    """What :func:`service.analysis.analyse` returns, as far as the scheduler looks."""
+    """What :func:`service.pipeline.analysis.analyse` returns, as far as the scheduler looks."""
 
     study_instance_uid: str = "1.2.826.0.1.3680043.8.498.1"
     series_instance_uid: str = "1.2.826.0.1.3680043.8.498.2"
@@ -100,7 +100,7 @@ def test_a_result_that_cannot_be_written_fails_with_a_reason_and_leaves_no_stagi
             raise OSError(error, os.strerror(error))
         return publish(staging, analysis_id)
 
-    monkeypatch.setattr(service.analysis, "write_outputs", write_outputs)
+    monkeypatch.setattr(service.pipeline.analysis, "write_outputs", write_outputs)
     monkeypatch.setattr(spool, "publish_result", publish_result)
 
     async def run() -> None:
@@ -256,10 +256,10 @@ def test_reconciling_plans_each_missing_delivery_once(tmp_path: Path) -> None:
 _KILLED_WHILE_ANALYSING = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from service.config import Settings
-from service.scheduler import Scheduler
-from service.spool import Spool
-from service.store import AnalysisStore
+from service.core.config import Settings
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import Spool
+from service.storage.store import AnalysisStore
 
 class Engine:
     provider = "CPUExecutionProvider"
@@ -359,14 +359,14 @@ def test_a_synchronous_upload_whose_result_finds_the_disk_full_is_503(
 
     files = sorted(phantom_series(label="MS", seed=105).glob("*.dcm"))
     full = [True]
-    real = service.analysis.write_outputs
+    real = service.pipeline.analysis.write_outputs
 
     def write_outputs(analysis: Any, out: Path) -> None:
         if full[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "sr.dcm"))
         real(analysis, out)
 
-    monkeypatch.setattr(service.analysis, "write_outputs", write_outputs)
+    monkeypatch.setattr(service.pipeline.analysis, "write_outputs", write_outputs)
     with running(settings_for(tmp_path / "spool")) as live:
         body, headers = related([p.read_bytes() for p in files])
         refused = live.post("/v1/analyses", content=body, headers=headers)

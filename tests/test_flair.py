@@ -10,8 +10,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from service.config import Settings
-from service.flair import (
+from service.core.config import Settings
+from service.core.flair import (
     DEFAULT_RULES_PATH,
     FlairMatch,
     RulesError,
@@ -21,7 +21,7 @@ from service.flair import (
     parse_rules,
     selection_attributes,
 )
-from service.ingest import Code
+from service.core.ingest import Code
 from tests.conftest import PhantomFactory
 
 

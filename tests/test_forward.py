@@ -19,10 +19,10 @@ import httpx
 import pydicom
 import pytest
 
-from service import audit
-from service.destinations import Destination
-from service.forward import DeliveryState, DeliveryStore, Forwarder
-from service.multipart import MediaType, boundary_of, parse_multipart
+from service.core.destinations import Destination
+from service.intake.multipart import MediaType, boundary_of, parse_multipart
+from service.runtime import audit
+from service.runtime.forward import DeliveryState, DeliveryStore, Forwarder
 from tests._pacs import Flaircad, auth_headers, flaircad_settings, free_port, wait_until
 from tests._server import parse_samples, value
 from tests.conftest import PhantomFactory

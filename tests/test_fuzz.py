@@ -16,19 +16,19 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service.analysis import AnalysisRejected, analyse
-from service.engine import Engine
-from service.ingest import Instance, Skipped, read_instance
-from service.limits import Limits
-from service.multipart import (
+from service.core.ingest import Instance, Skipped, read_instance
+from service.core.limits import Limits
+from service.intake.multipart import (
     MAX_PART_HEADER_BYTES,
     MultipartError,
     Part,
     StreamingMultipart,
     parse_multipart,
 )
-from service.spool import Spool
-from service.stow import store_parts
+from service.intake.stow import store_parts
+from service.pipeline.analysis import AnalysisRejected, analyse
+from service.pipeline.engine import Engine
+from service.storage.spool import Spool
 from tests import _hostile
 from tests.conftest import PhantomFactory
 
@@ -88,7 +88,7 @@ def test_streaming_reader_equals_the_whole_body_reader(
         sizes: list[int]) -> None:
     newline = b"\r\n" if crlf else b"\n"
     delimiter = b"\n--" + boundary.encode()
-    # the documented difference (module docstring of service.multipart): bodies that contain
+    # the documented difference (module docstring of service.intake.multipart): bodies that contain
     # their own delimiter, or end in CR under LF-only framing
     assume(all(delimiter not in body and not (not crlf and body.endswith(b"\r"))
                for _, body in parts))
@@ -191,7 +191,7 @@ def test_stow_storage_never_raises(tmp_path: Path, samples: list[bytes], which: 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    from service.config import BUNDLED_MODEL
+    from service.core.config import BUNDLED_MODEL
 
     return Engine(BUNDLED_MODEL, ["CPUExecutionProvider"])
 

@@ -19,8 +19,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from service.audit import AuditLog
-from service.store import Status
+from service.runtime.audit import AuditLog
+from service.storage.store import Status
 from tests import _hostile
 from tests._live import KEY, Live, related, running, settings_for
 from tests.conftest import REPO, PhantomFactory

@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from service.ingest import (
+from service.core.ingest import (
     CODE_DESCRIPTIONS,
     Code,
     Instance,
@@ -25,7 +25,7 @@ from service.ingest import (
     ingest_folder,
     read_instance,
 )
-from service.volume import SeriesOutcome, load_folder, load_sources
+from service.core.volume import SeriesOutcome, load_folder, load_sources
 from tests._dicom import encode, encode_all, read_all
 from tests.conftest import REPO, PhantomFactory
 
@@ -363,7 +363,7 @@ def test_mosaic_detection_from_a_csa_header(
     series: list[Dataset], value: bytes, n_items: int, mosaic: bool
 ) -> None:
     """Siemens writes NumberOfImagesInMosaic into non-mosaic CSA headers too, without items."""
-    from service.ingest import is_mosaic
+    from service.core.ingest import is_mosaic
 
     for ds in series:
         ds.Manufacturer = "SIEMENS"

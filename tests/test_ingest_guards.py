@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.ingest import MAX_INFLATED_BYTES, Code, Instance, Skipped, read_instance
+from service.core.ingest import MAX_INFLATED_BYTES, Code, Instance, Skipped, read_instance
 from tests import _hostile
 from tests.conftest import PhantomFactory
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.volume import load_folder
+from service.core.volume import load_folder
 from tests._dicom import encode, read_all
 from tests.conftest import PhantomFactory
 

@@ -158,7 +158,7 @@ def test_deployment_security_probes_and_volumes(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_configmap_and_api_key_secret_are_wired(overlay: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.config import Settings
+    from service.core.config import Settings
 
     objects = _objects(overlay)
     container = _container(objects)
@@ -179,7 +179,7 @@ def test_settings_configmap_and_api_key_secret_are_wired(overlay: str,
     known = {f"FLAIRCAD_{name.upper()}" for name in Settings.model_fields}
     env = {**data, **{item["name"]: item["value"] for item in container.get("env", [])}}
     for name, value in env.items():
-        assert name in known, f"{name} is not a setting of service/config.py"
+        assert name in known, f"{name} is not a setting of service/core/config.py"
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert str(settings.spool_dir) == SPOOL and settings.host == "0.0.0.0"
@@ -187,7 +187,7 @@ def test_settings_configmap_and_api_key_secret_are_wired(overlay: str,
     # The committed placeholder holds no key: the service refuses to start until one is given.
     import base64
 
-    from service.auth import parse_keys
+    from service.runtime.auth import parse_keys
     assert not parse_keys(base64.b64decode(secret["data"][keys_file.name]).decode(), "secret")
     expected = {"cpu": ["CPUExecutionProvider"],
                 "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[overlay]
@@ -275,6 +275,6 @@ def test_gpu_overlay_requests_one_gpu_and_scales_on_queue_depth() -> None:
     assert rule["name"]["as"] == "flaircad_queue_depth"
     assert rule["seriesQuery"].startswith("flaircad_queue_depth{")
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    from service import metrics
+    from service.runtime import metrics
     assert "flaircad_queue_depth" in {metric._name for metric in vars(metrics).values()
                                       if hasattr(metric, "_name")}

@@ -1,6 +1,6 @@
 """The series limit means memory (issue 13, item 4): a 60 × 2048² 16-bit series, half the
 decoded-size limit, took a server from 376 to 5,413 MiB RSS, past the 4 GiB pod limit. The
-admission estimate (service.limits.estimated_peak_bytes) refuses it under the default budget,
+admission estimate (service.core.limits.estimated_peak_bytes) refuses it under the default budget,
 and the estimate is checked against a measured analysis so that it cannot be optimistic."""
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from service.analysis import AnalysisRejected, analyse
-from service.config import Settings
-from service.ingest import iter_folder
-from service.limits import (
+from service.core.config import Settings
+from service.core.ingest import iter_folder
+from service.core.limits import (
     ANALYSIS_BYTES_PER_VOXEL,
     DEFAULT_ANALYSIS_MEMORY_BYTES,
     SERIES_TOO_LARGE,
@@ -28,6 +27,7 @@ from service.limits import (
     instance_refusal,
     series_refusal,
 )
+from service.pipeline.analysis import AnalysisRejected, analyse
 from tests.conftest import PhantomFactory
 
 ROOT = Path(__file__).resolve().parents[1]

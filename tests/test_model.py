@@ -18,7 +18,7 @@ from model_export.model import (
     load_pretrained_backbone,
     resolve_target,
 )
-from service.preprocess import PreprocessingConfig
+from service.core.preprocess import PreprocessingConfig
 
 CONFIGS = [
     ModelConfig(depth=18, base_width=8),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.multipart import MediaType, MultipartError, boundary_of, parse_multipart
+from service.intake.multipart import MediaType, MultipartError, boundary_of, parse_multipart
 
 ORTHANC_BOUNDARY = "a" * 36 + "-" + "0123456789abcdef0123456789abcdef0123"  # 73 characters
 

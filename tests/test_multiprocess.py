@@ -14,7 +14,7 @@ import httpx
 import pydicom
 import pytest
 
-from service.analysis import STAGES
+from service.pipeline.analysis import STAGES
 from tests._server import ServerProcess, parse_samples, related, total, value, wait_for_study
 from tests.conftest import PhantomFactory, require
 

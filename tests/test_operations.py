@@ -21,8 +21,8 @@ import httpx
 import pydicom
 import pytest
 
-from service.analysis import STAGES
-from service.app import create_app
+from service.pipeline.analysis import STAGES
+from service.runtime.app import create_app
 from tests._server import (
     Identifiers,
     Samples,
@@ -270,7 +270,7 @@ def test_no_patient_identifier_or_uid_is_ever_logged(flow: Flow) -> None:
         assert needle not in text, f"{needle!r} is in the logs"
     # the phantom generator's own identifiers, in case a copy kept them
     assert "PHANTOM" not in text
-    # the conservative choice: not even Study/Series/SOP Instance UIDs (service.logs)
+    # the conservative choice: not even Study/Series/SOP Instance UIDs (service.runtime.logs)
     leaked = sorted(uid for uid in flow.uids if uid in text)
     assert leaked == []
 

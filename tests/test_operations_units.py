@@ -26,12 +26,12 @@ import httpx
 import pytest
 import uvicorn
 
-from service import logs, metrics
-from service.app import create_app
-from service.config import Settings
-from service.scheduler import Scheduler
-from service.spool import SeriesKey, Spool
-from service.store import AnalysisStore, Status
+from service.core.config import Settings
+from service.runtime import logs, metrics
+from service.runtime.app import create_app
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import SeriesKey, Spool
+from service.storage.store import AnalysisStore, Status
 from tests._server import free_port, parse_samples, value
 from tests.conftest import require
 
@@ -93,7 +93,7 @@ def test_an_old_database_gains_the_owner_column(tmp_path: Path) -> None:
 _HOLD_LEASE = """
 import sys
 from pathlib import Path
-from service.spool import Spool
+from service.storage.spool import Spool
 lease = Spool(Path(sys.argv[1])).acquire_lease()
 print(lease.token, flush=True)
 sys.stdin.read()
@@ -289,7 +289,7 @@ def _format(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def test_our_records_become_json_with_context_and_extras() -> None:
-    record = logging.LogRecord("service.scheduler", logging.INFO, __file__, 1,
+    record = logging.LogRecord("service.runtime.scheduler", logging.INFO, __file__, 1,
                                "analysis %s", ("finished",), None)
     record.outcome = "ok"
     record.timings_ms = {"total": 1.5}
@@ -300,7 +300,7 @@ def test_our_records_become_json_with_context_and_extras() -> None:
         logs.REQUEST_ID.reset(request)
         logs.ANALYSIS_ID.reset(analysis)
     assert line["event"] == "analysis finished" and line["level"] == "info"
-    assert line["logger"] == "service.scheduler" and line["pid"] == os.getpid()
+    assert line["logger"] == "service.runtime.scheduler" and line["pid"] == os.getpid()
     assert line["request_id"] == "req-12345678" and line["analysis_id"] == "a" * 32
     assert line["outcome"] == "ok" and line["timings_ms"] == {"total": 1.5}
 
@@ -317,7 +317,7 @@ def test_third_party_messages_and_exception_texts_are_withheld() -> None:
     try:
         raise ValueError("PatientName 'Doe^Jane' is not valid")
     except ValueError:
-        failing = logging.LogRecord("service.scheduler", logging.ERROR, __file__, 1,
+        failing = logging.LogRecord("service.runtime.scheduler", logging.ERROR, __file__, 1,
                                     "analysis failed", None, sys.exc_info())
     line = _format(failing)
     assert line["exception"]["type"] == "ValueError"

@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from service.overlay import (
+from service.core.preprocess import PreprocessingConfig, preprocess
+from service.core.volume import load_series_volume
+from service.pipeline.overlay import (
     RESEARCH_BANNER,
     Banner,
     blend,
@@ -18,8 +20,6 @@ from service.overlay import (
     source_slice_weights,
     window,
 )
-from service.preprocess import PreprocessingConfig, preprocess
-from service.volume import load_series_volume
 from tests.conftest import PhantomFactory
 
 CONFIG = PreprocessingConfig()  # the bundled model's grid: 24 slices of 256 x 256

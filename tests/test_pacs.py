@@ -24,8 +24,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from service.destinations import Destination
-from service.store import AnalysisStore
+from service.core.destinations import Destination
+from service.storage.store import AnalysisStore
 from tests._pacs import (
     ORTHANC_PASSWORD,
     ORTHANC_USER,

@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from model_export.phantoms import (
+from service.core.preprocess import reorient_to_canonical
+from service.phantoms import (
     CLASS_NAMES,
     COMPRESSIONS,
     PhantomVolume,
@@ -29,7 +30,6 @@ from model_export.phantoms import (
     write_dicom_series,
     write_lesion_seg,
 )
-from service.preprocess import reorient_to_canonical
 from tests.conftest import require
 
 # A coarse grid keeps the population tests fast: 1.875 mm in-plane, 3 mm slices.
@@ -641,7 +641,7 @@ def test_brain_mask_is_the_intracranial_brain() -> None:
 def test_masks_come_from_the_one_rendering_pass(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     """The brain mask and the series truth do not render the phantom a second time."""
-    import model_export.phantoms as phantoms
+    import service.phantoms as phantoms
 
     calls = []
     paint = phantoms._paint_anatomy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.preprocess import (
+from service.core.preprocess import (
     PreprocessingConfig,
     area_matrix,
     linear_matrix,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from model_export.model import AttentionClassifier, load_pretrained_backbone
-from model_export.phantoms import LESION_SITES, generate_phantom
 from model_export.pretrain import pretrain
 from model_export.train import PRESETS
-from service.preprocess import PreprocessingConfig
+from service.core.preprocess import PreprocessingConfig
+from service.phantoms import LESION_SITES, generate_phantom
 
 MS_ONLY = {"periventricular", "juxtacortical", "infratentorial", "callosal"}
 CSVD_ONLY = {"periventricular-band", "lacune", "pontine"}

@@ -17,13 +17,13 @@ import httpx
 import pydicom
 import pytest
 
-from service import retention
-from service.audit import AuditLog
-from service.config import Settings
-from service.forward import DeliveryStore
-from service.multipart import MediaType, parse_multipart
-from service.spool import SeriesKey, Spool, StoreOutcome
-from service.store import AnalysisStore, Status
+from service.core.config import Settings
+from service.intake.multipart import MediaType, parse_multipart
+from service.runtime import retention
+from service.runtime.audit import AuditLog
+from service.runtime.forward import DeliveryStore
+from service.storage.spool import SeriesKey, Spool, StoreOutcome
+from service.storage.store import AnalysisStore, Status
 from tests._live import KEY, Live, related, running, settings_for
 from tests._server import ServerProcess
 from tests.conftest import PhantomFactory

@@ -30,13 +30,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pydicom.valuerep import validate_value
 
-from service.analysis import Analysis, analyse, write_outputs
-from service.config import BUNDLED_MODEL
-from service.contract import EXPLANATIONS, Calibration, DistributionCheck
-from service.engine import Engine, EngineOutput, ModelInfo
-from service.ingest import iter_folder
-from service.preprocess import PreprocessingConfig, reorient_to_canonical
-from service.volume import load_series_volume
+from service.core.config import BUNDLED_MODEL
+from service.core.contract import EXPLANATIONS, Calibration, DistributionCheck
+from service.core.ingest import iter_folder
+from service.core.preprocess import PreprocessingConfig, reorient_to_canonical
+from service.core.volume import load_series_volume
+from service.pipeline.analysis import Analysis, analyse, write_outputs
+from service.pipeline.engine import Engine, EngineOutput, ModelInfo
 from tests.conftest import PhantomFactory, require
 
 CAM_GRID = (24, 16, 16)

@@ -16,10 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from service import audit
 from service.api.security import DOC_ROUTES, PUBLIC_ROUTES, route_scopes
-from service.auth import SCOPES, ApiKey, Authenticator, check_configured, parse_api_keys
-from service.config import Settings
+from service.core.config import Settings
+from service.runtime import audit
+from service.runtime.auth import SCOPES, ApiKey, Authenticator, check_configured, parse_api_keys
 from tests._live import KEY, Live, related, running, settings_for
 from tests.conftest import PhantomFactory
 
@@ -222,9 +222,9 @@ def test_keys_without_scopes_are_named_in_a_warning_at_start(
     def warnings(**values: Any) -> list[logging.LogRecord]:
         settings = Settings(spool_dir=tmp_path, **values)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="service.auth"):
+        with caplog.at_level(logging.WARNING, logger="service.runtime.auth"):
             check_configured(settings, Authenticator.from_settings(settings))
-        return [r for r in caplog.records if r.name == "service.auth"]
+        return [r for r in caplog.records if r.name == "service.runtime.auth"]
 
     (record,) = warnings(api_keys=f"tester:{KEY}, viewer:{VIEWER}:read, {OPS}")
     assert "scopes" in record.getMessage()

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.auth import Authenticator, AuthError, parse_keys
-from service.config import Settings
+from service.core.config import Settings
+from service.runtime.app import create_app
+from service.runtime.auth import Authenticator, AuthError, parse_keys
 from tests._live import KEY, Live, related, running, settings_for
 from tests.conftest import PhantomFactory
 
@@ -229,7 +229,7 @@ def test_start_refused_without_credentials_and_warned_when_disabled(
         asyncio.run(start(app))
     app = create_app(Settings(spool_dir=tmp_path, providers=["CPUExecutionProvider"],
                               auth_disabled=True))
-    with caplog.at_level(logging.WARNING, logger="service.app"):
+    with caplog.at_level(logging.WARNING, logger="service.runtime.app"):
         asyncio.run(start(app))
     assert any("authentication is DISABLED" in r.getMessage() for r in caplog.records)
 

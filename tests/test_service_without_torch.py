@@ -19,7 +19,7 @@ sys.meta_path.insert(0, BlockTorch())
 import importlib, pkgutil, service
 for module in pkgutil.walk_packages(service.__path__, "service."):
     importlib.import_module(module.name)  # every module of the service, routes included
-import model_export.phantoms  # the phantom generator is numpy + pydicom only
+import service.phantoms  # the phantom generator is numpy + pydicom only
 assert "torch" not in sys.modules
 print("ok")
 """

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import sanitize
-from service.config import Settings
-from service.logs import sane_request_id
-from service.spool import Spool, safe_uid
+from service.core.config import Settings
+from service.pipeline import sanitize
+from service.runtime.logs import sane_request_id
+from service.storage.spool import Spool, safe_uid
 from tests._live import Live, free_port, related, running, settings_for
 from tests._server import FLAIRCAD, ServerProcess
 from tests.conftest import PhantomFactory

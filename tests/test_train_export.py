@@ -14,8 +14,8 @@ import torch
 from model_export import export as export_module
 from model_export import train
 from model_export.data import make_splits, stratified_group_folds
-from service.engine import Engine
-from service.preprocess import PreprocessingConfig
+from service.core.preprocess import PreprocessingConfig
+from service.pipeline.engine import Engine
 
 TINY_SHAPE = ["64", "64", "8"]
 

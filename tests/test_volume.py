@@ -15,10 +15,9 @@ from pydicom.filewriter import dcmwrite
 from pydicom.pixels import pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from model_export.phantoms import generate_phantom
-from service.ingest import Code, Instance, read_instance
-from service.preprocess import PreprocessingConfig, preprocess, reorient_to_canonical
-from service.volume import (
+from service.core.ingest import Code, Instance, read_instance
+from service.core.preprocess import PreprocessingConfig, preprocess, reorient_to_canonical
+from service.core.volume import (
     SeriesVolume,
     load_folder,
     load_series_volume,
@@ -26,6 +25,7 @@ from service.volume import (
     native_frame,
     orientation_code,
 )
+from service.phantoms import generate_phantom
 from tests._dicom import encode, encode_all, read_all
 from tests.conftest import PhantomFactory
 

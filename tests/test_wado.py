@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service import audit
+from service.runtime import audit
 from tests._pacs import Flaircad, analyse_upload, auth_headers, flaircad_settings, free_port
 from tests.conftest import PhantomFactory
 

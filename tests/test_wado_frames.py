@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from service.config import Settings
+from service.core.config import Settings
 from tests._pacs import Flaircad, analyse_upload, auth_headers, flaircad_settings, free_port
 from tests.conftest import PhantomFactory
 

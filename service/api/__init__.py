@@ -1,1 +1,1 @@
-"""HTTP routes: thin functions over :mod:`service.scheduler` and friends."""
+"""HTTP routes: thin functions over :mod:`service.runtime.scheduler` and friends."""

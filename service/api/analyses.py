@@ -13,15 +13,15 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from service import audit, logs, metrics
 from service.api.body import SpooledPart, media_type_of, receive_parts
 from service.api.deps import Runtime, ensure_capacity, runtime, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.schemas import Analysis, AnalysisList, Delivery
 from service.api.security import READ_SCOPE, STORE_SCOPE, client_of, principal_of
-from service.scheduler import Saturated
-from service.spool import digest, fsync_file
-from service.store import FINISHED, Record, Status
+from service.runtime import audit, logs, metrics
+from service.runtime.scheduler import Saturated
+from service.storage.spool import digest, fsync_file
+from service.storage.store import FINISHED, Record, Status
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 

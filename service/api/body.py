@@ -1,7 +1,8 @@
 """Reading a multipart request body: media type checks, limits enforced while it streams in.
 
 The body is never held in memory: :func:`spool_parts` feeds it chunk by chunk to
-:class:`service.multipart.StreamingMultipart`, which writes each part to a file in the spool's
+:class:`service.intake.multipart.StreamingMultipart`, which writes each part to a file in the
+spool's
 ``tmp/`` folder as it arrives (hashing it on the way). Refused as soon as it passes a limit:
 the body size (``FLAIRCAD_MAX_UPLOAD_BYTES``, 413), one part's size
 (``FLAIRCAD_MAX_INSTANCE_BYTES``, 413), the number of parts
@@ -31,8 +32,7 @@ from fastapi import Request
 
 from service.api.deps import Runtime, saturated_problem
 from service.api.problems import Problem
-from service.arrivals import HEAD_BYTES
-from service.multipart import (
+from service.intake.multipart import (
     MediaType,
     MultipartError,
     PartHeaders,
@@ -42,7 +42,8 @@ from service.multipart import (
     TooManyParts,
     boundary_of,
 )
-from service.scheduler import Saturated, SpoolFull
+from service.runtime.arrivals import HEAD_BYTES
+from service.runtime.scheduler import Saturated, SpoolFull
 
 _RECHECK_EVERY = 64 * 1024**2  # bytes between checks of the spool's fill level
 # Bytes handed to the parser thread at once: big enough that the hop to the thread (~50 us)

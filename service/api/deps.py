@@ -1,4 +1,5 @@
-"""What routes reach through ``request.app.state`` (set up in :func:`service.app.create_app`)."""
+"""What routes reach through ``request.app.state`` (set up in
+:func:`service.runtime.app.create_app`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from fastapi import Request
 from prometheus_client.registry import Collector
 
 from service.api.problems import Problem
-from service.config import Settings
-from service.engine import Engine
-from service.scheduler import Saturated, Scheduler
-from service.spool import Spool
-from service.store import AnalysisStore
+from service.core.config import Settings
+from service.pipeline.engine import Engine
+from service.runtime.scheduler import Saturated, Scheduler
+from service.storage.spool import Spool
+from service.storage.store import AnalysisStore
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Runtime:
     scheduler: Scheduler
     warm_up_ms: float = 0.0
     collectors: list[Collector] = field(default_factory=list)  # scraped with /metrics
-    pacs: Any = None  # service.pacs.PacsLink: result deliveries, DIMSE listener
+    pacs: Any = None  # service.runtime.pacs.PacsLink: result deliveries, DIMSE listener
 
 
 def runtime(request: Request) -> Runtime:

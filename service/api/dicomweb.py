@@ -10,16 +10,16 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service import audit, logs
 from service.api.body import SpooledPart, media_type_of, receive_parts
 from service.api.deps import Runtime, ensure_capacity, runtime
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.security import STORE_SCOPE, client_of, principal_of
-from service.arrivals import Hold, series_of_part
-from service.limits import Limits
-from service.multipart import MediaType
-from service.spool import safe_uid
-from service.stow import StowResult, store_parts
+from service.core.limits import Limits
+from service.intake.multipart import MediaType
+from service.intake.stow import StowResult, store_parts
+from service.runtime import audit, logs
+from service.runtime.arrivals import Hold, series_of_part
+from service.storage.spool import safe_uid
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
     finally:
         hold.release()
     _audit(request, rt, study, result)
-    # counts and reason codes; the UIDs stay out of the log (service.logs)
+    # counts and reason codes; the UIDs stay out of the log (service.runtime.logs)
     log.info("stow", extra={"stored": len(result.stored), "refused": len(result.failed),
                             "refused_reasons": dict(Counter(why for *_, why in result.failed)),
                             "series": len(result.series)})

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs, metrics
+from service.runtime import logs, metrics
 
 log = logging.getLogger("service.access")
 

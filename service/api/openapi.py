@@ -9,7 +9,7 @@ from typing import Any
 
 
 def document() -> dict[str, Any]:
-    from service.app import create_app
+    from service.runtime.app import create_app
 
     return create_app().openapi()
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.contract import EXPLANATIONS
+from service.core.contract import EXPLANATIONS
 
 RESEARCH_USE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 

@@ -2,11 +2,11 @@
 STOW-RS bodies, and they run before any route or body parsing).
 
 * :class:`Authentication`: every route needs ``Authorization: Bearer <token>``
-  (:mod:`service.auth`) except :data:`PUBLIC_ROUTES` (probes and scrapes come from the
+  (:mod:`service.runtime.auth`) except :data:`PUBLIC_ROUTES` (probes and scrapes come from the
   platform, without credentials, and say nothing about patients). A refusal is a 401
   problem+json with ``WWW-Authenticate: Bearer`` (RFC 6750), sent before the body is read; it
   is logged and audited without the token, the repeats of one reason and client address within
-  ``FLAIRCAD_AUDIT_REFUSAL_WINDOW_S`` as a count (:meth:`service.audit.AuditLog.refusal`).
+  ``FLAIRCAD_AUDIT_REFUSAL_WINDOW_S`` as a count (:meth:`service.runtime.audit.AuditLog.refusal`).
   The caller is put into the request's state (``request.state.principal``) for the routes and
   the audit trail.
 * :class:`RequireScope`: what the caller may do. Every route but the probes declares the scope
@@ -22,7 +22,7 @@ STOW-RS bodies, and they run before any route or body parsing).
   ``Content-Security-Policy: default-src 'none'; frame-ancestors 'none'``: nothing an API
   response holds may run as a page.
 * CORS stays closed unless ``FLAIRCAD_CORS_ALLOW_ORIGINS`` lists origins (set up in
-  :func:`service.app.create_app` with Starlette's ``CORSMiddleware``).
+  :func:`service.runtime.app.create_app` with Starlette's ``CORSMiddleware``).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import fastapi.routing
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import audit, logs
 from service.api.deps import Runtime, runtime
 from service.api.middleware import route_template
 from service.api.problems import PROBLEM_JSON, Problem, problem_response
-from service.audit import AuditLog
-from service.auth import ANONYMOUS, SCOPES, Authenticator, AuthError, Principal
+from service.runtime import audit, logs
+from service.runtime.audit import AuditLog
+from service.runtime.auth import ANONYMOUS, SCOPES, Authenticator, AuthError, Principal
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Authentication:
         if error.error:
             challenge += f', error="{error.error}"'
         reason, client = error.error or "no_credentials", client_of(scope)
-        # Counted, not written one by one (service.audit): a flood without a key costs a
+        # Counted, not written one by one (service.runtime.audit): a flood without a key costs a
         # dictionary update per request, no disk write and no log line but the window's first.
         first = True
         if self.audit is not None:

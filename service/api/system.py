@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import metrics
 from service.api.deps import Runtime, runtime
 from service.api.schemas import Explanation, Health, ModelDescription
 from service.api.security import ANY_SCOPE
-from service.contract import EXPLANATIONS
-from service.scheduler import SpoolFull
+from service.core.contract import EXPLANATIONS
+from service.runtime import metrics
+from service.runtime.scheduler import SpoolFull
 
 router = APIRouter(tags=["system"])
 

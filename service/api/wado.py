@@ -33,14 +33,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 
-from service import audit, logs
 from service.api.deps import Runtime, runtime
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.security import READ_SCOPE, client_of, principal_of
-from service.forward import result_files
-from service.multipart import MediaType
-from service.spool import safe_uid
-from service.store import Status
+from service.intake.multipart import MediaType
+from service.runtime import audit, logs
+from service.runtime.forward import result_files
+from service.storage.spool import safe_uid
+from service.storage.store import Status
 
 # results, and UIDs of examinations: the read scope
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"], dependencies=[READ_SCOPE])

@@ -43,7 +43,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from service.ingest import Code, Rejection, functional_group
+from service.core.ingest import Code, Rejection, functional_group
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent / "rules" / "flair.json"
 _LEAF_OPERATORS = ("regex", "equals", "contains", "range", "present")

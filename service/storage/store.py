@@ -4,7 +4,7 @@ The row holds what ``GET /v1/analyses/{id}`` returns; the DICOM outputs themselv
 spool's ``results/<id>/`` folder.
 
 Several server processes share one database (``flaircad serve --workers N``). Each row names
-its ``owner``, the lease token of the process that queued it (:meth:`service.spool.Spool.
+its ``owner``, the lease token of the process that queued it (:meth:`service.storage.spool.Spool.
 acquire_lease`); a STOW-RS series is claimed for analysis in one transaction that holds
 SQLite's write lock (:meth:`AnalysisStore.claim_series`), so two processes that both see the
 series complete cannot both analyse it.
@@ -169,14 +169,14 @@ class AnalysisStore:
         assert record is not None
         return record, True
 
-    # -- retention (service/retention.py) ---------------------------------------------------
+    # -- retention (service/runtime/retention.py) -------------------------------------------------
     def _has_table(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
                                 (name,)).fetchone() is not None
 
     def expired(self, before: float, limit: int = 500) -> list[Record]:
         """Finished analyses last updated before ``before`` whose results are not still
-        waiting to be sent to a PACS (table ``deliveries``, service/forward.py)."""
+        waiting to be sent to a PACS (table ``deliveries``, service/runtime/forward.py)."""
         with self._lock:
             pending = ""
             if self._has_table("deliveries"):

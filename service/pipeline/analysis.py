@@ -6,24 +6,24 @@ A straight line of stages, each timed (milliseconds, in ``timings_ms``):
     parse every source once (headers; pixel data stays encoded), group into series; exactly
     one series must remain, and it must be FLAIR (unless the research override is on);
 ``volume``
-    decode the pixels once into a 3D volume with its geometry (:mod:`service.volume`);
+    decode the pixels once into a 3D volume with its geometry (:mod:`service.core.volume`);
 ``preprocess``
-    reorient, scale, resize to the model grid (:mod:`service.preprocess`);
+    reorient, scale, resize to the model grid (:mod:`service.core.preprocess`);
 ``inference``
     the one onnxruntime run that yields the probabilities, the explanation maps and the
     out-of-distribution score;
 ``render``
     overlays of the chosen explanation map (``explanation``: HiResCAM, Grad-CAM or attention,
-    :data:`service.contract.EXPLANATIONS`) per source slice and the preview montage
-    (:mod:`service.overlay`);
+    :data:`service.core.contract.EXPLANATIONS`) per source slice and the preview montage
+    (:mod:`service.pipeline.overlay`);
 ``encode``
-    the Secondary Capture series and the Comprehensive SR (:mod:`service.sc`,
-    :mod:`service.sr`), written to DICOM Part 10 bytes;
+    the Secondary Capture series and the Comprehensive SR (:mod:`service.pipeline.sc`,
+    :mod:`service.pipeline.sr`), written to DICOM Part 10 bytes;
 ``total``
     all of the above.
 
 Input that is not one usable FLAIR MR series raises :class:`AnalysisRejected` with a stable
-snake_case ``code``: the codes of :class:`service.ingest.Code` (``not_mr``, ``missing_slices``,
+snake_case ``code``: the codes of :class:`service.core.ingest.Code` (``not_mr``, ``missing_slices``,
 ``not_flair``, ...) plus ``no_series``, ``multiple_series`` and ``invalid_uid``. Anything else
 that goes wrong is a bug and propagates as such.
 
@@ -47,14 +47,14 @@ import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from service import overlay, sanitize, sc, sr
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.engine import EngineOutput, ModelInfo
-from service.flair import RuleSet, flair_rejection, load_rules, selection_attributes
-from service.ingest import Code, Series, Source, ingest
-from service.limits import Limits, series_refusal
-from service.preprocess import preprocess
-from service.volume import SeriesVolume, SliceSource, convert
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.core.flair import RuleSet, flair_rejection, load_rules, selection_attributes
+from service.core.ingest import Code, Series, Source, ingest
+from service.core.limits import Limits, series_refusal
+from service.core.preprocess import preprocess
+from service.core.volume import SeriesVolume, SliceSource, convert
+from service.pipeline import overlay, sanitize, sc, sr
+from service.pipeline.engine import EngineOutput, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ AnalysisSource = Source | tuple[Source, str]
 
 
 class InferenceEngine(Protocol):
-    """What an analysis needs of :class:`service.engine.Engine` (tests pass stand-ins)."""
+    """What an analysis needs of :class:`service.pipeline.engine.Engine` (tests pass stand-ins)."""
 
     info: ModelInfo
     provider: str
@@ -286,7 +286,7 @@ def analyse(
 ) -> Analysis:
     """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
     The overlays and the preview show the map ``explanation`` (a key of
-    :data:`service.contract.EXPLANATIONS`; anything else is a ValueError, before any work).
+    :data:`service.core.contract.EXPLANATIONS`; anything else is a ValueError, before any work).
     ``series_uid`` picks one series of several; ``pick_flair`` lets several through when the
     FLAIR rules recognise exactly one (what ``flaircad analyze`` does; the HTTP API refuses).
     Raises :class:`AnalysisRejected` when the input is not one usable FLAIR MR series, or one
@@ -327,7 +327,7 @@ def analyse(
         assert rejection is not None
         raise AnalysisRejected(rejection.code, rejection.message, warnings)
     volume = outcome.volume
-    del outcome  # the volume is referenced from here only (peak memory: see service.limits)
+    del outcome  # the volume is referenced from here only (peak memory: see service.core.limits)
     _release_pixel_data(series)
     clock.lap("volume")
 
@@ -369,7 +369,7 @@ def analyse(
     slices, affine_lps = volume.slices, volume.affine_lps
     volume_series_uid = volume.info.series_instance_uid
     # The float32 volume and the CAM (4 bytes a voxel each) are not needed to encode: freed
-    # before the Secondary Captures copy the overlays (peak memory: see service.limits).
+    # before the Secondary Captures copy the overlays (peak memory: see service.core.limits).
     del rendered, prepared, volume
     clock.lap("render")
 

@@ -2,7 +2,8 @@
 
 One RGB instance per source slice (a frame of a multi-frame source counts as a slice), with
 that slice's Rows and Columns, in the source's reading order (InstanceNumber 1..N). Patient
-and study attributes come from :func:`service.sanitize.reference_header`, never straight from
+and study attributes come from :func:`service.pipeline.sanitize.reference_header`, never straight
+from
 the scanner header. Each instance says what it is and where it came from:
 
 * SeriesDescription, ImageComments and the burned-in banner: the map shown (HiResCAM, Grad-CAM
@@ -35,9 +36,13 @@ from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.overlay import NOT_FLAIR_BANNER, OUTSIDE_DISTRIBUTION_BANNER, explanation_label
-from service.sanitize import OPTIONAL_PATIENT_STUDY, clean_text
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.pipeline.overlay import (
+    NOT_FLAIR_BANNER,
+    OUTSIDE_DISTRIBUTION_BANNER,
+    explanation_label,
+)
+from service.pipeline.sanitize import OPTIONAL_PATIENT_STUDY, clean_text
 
 RESEARCH_STATEMENT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 SOFTWARE = "flaircad"
@@ -139,9 +144,10 @@ def build_secondary_captures(
     flair_recognised: bool = True,
 ) -> list[Dataset]:
     """One SC instance per image, ``images[i]`` derived from ``sources[i]``; InstanceNumber
-    i + 1. ``header`` is a :func:`service.sanitize.reference_header` dataset. ``explanation``
+    i + 1. ``header`` is a :func:`service.pipeline.sanitize.reference_header` dataset.
+    ``explanation``
     names the map the images show; ``distribution`` is the model's distribution assessment
-    (:meth:`service.contract.DistributionCheck.assess`), stated in ImageComments."""
+    (:meth:`service.core.contract.DistributionCheck.assess`), stated in ImageComments."""
     if len(images) != len(sources) or not images:
         raise ValueError(f"{len(images)} images for {len(sources)} source images")
     label = explanation_label(explanation)

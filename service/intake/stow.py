@@ -4,12 +4,12 @@ Every part is parsed (headers only matter here; pixels are decoded later, once) 
 written to the spool before the response says "stored". A re-sent identical instance is
 acknowledged as stored; different bytes under a known SOP Instance UID are refused (0x0111) and
 the first copy is kept, never silently replaced; the refusal is remembered with the series
-(:meth:`service.spool.Spool.note_conflict`), and its analysis carries a warning.
+(:meth:`service.storage.spool.Spool.note_conflict`), and its analysis carries a warning.
 
-Instances that break a size limit (:mod:`service.limits`) are refused one by one: a matrix or
+Instances that break a size limit (:mod:`service.core.limits`) are refused one by one: a matrix or
 decoded size beyond the limits with 0xC000 (it will not get better when sent again), one
 instance too many for its series with 0xA700 (out of resources). So is an instance that would
-open a series past the stability window's bounds (``admit``, :mod:`service.arrivals`).
+open a series past the stability window's bounds (``admit``, :mod:`service.runtime.arrivals`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
-from service import metrics
-from service.ingest import Skipped, read_instance
-from service.limits import TOO_MANY_INSTANCES, Limits, instance_refusal
-from service.multipart import MediaType
-from service.spool import SeriesKey, Spool, StoreOutcome, safe_uid
+from service.core.ingest import Skipped, read_instance
+from service.core.limits import TOO_MANY_INSTANCES, Limits, instance_refusal
+from service.intake.multipart import MediaType
+from service.runtime import metrics
+from service.storage.spool import SeriesKey, Spool, StoreOutcome, safe_uid
 
 # PS3.18 Table 10.5.3-1 / PS3.4 Annex GG failure reasons
 PROCESSING_FAILURE = 0x0110
@@ -84,7 +84,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 class InstancePart(Protocol):
-    """A multipart part in memory (:class:`service.multipart.Part`) or streamed to a file
+    """A multipart part in memory (:class:`service.intake.multipart.Part`) or streamed to a file
     (:class:`service.api.body.SpooledPart`, which has a ``path`` to link from)."""
 
     @property

@@ -48,9 +48,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.sanitize import clean_ascii, clean_text
-from service.sc import RESEARCH_STATEMENT, SOFTWARE, ModelIdentity, processing_equipment
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.pipeline.sanitize import clean_ascii, clean_text
+from service.pipeline.sc import RESEARCH_STATEMENT, SOFTWARE, ModelIdentity, processing_equipment
 
 PRIVATE_SCHEME = "99FLAIRCAD"
 CODING_SCHEME = CodingSchemeIdentificationItem(
@@ -134,10 +134,12 @@ def build_report(
     flair_recognised: bool = True,
 ) -> hsr.ComprehensiveSR:
     """The Comprehensive SR of one result. ``header`` is a
-    :func:`service.sanitize.reference_header` dataset: the report copies its patient and study
+    :func:`service.pipeline.sanitize.reference_header` dataset: the report copies its patient and
+    study
     attributes from there, never from the raw source. ``explanation`` names the map of the
     Secondary Captures; ``distribution`` is the model's distribution assessment
-    (:meth:`service.contract.DistributionCheck.assess`), reported as a coded evaluation with its
+    (:meth:`service.core.contract.DistributionCheck.assess`), reported as a coded evaluation with
+    its
     score; ``temperature`` the calibration temperature (an algorithm parameter)."""
     if not sources:
         raise ValueError("a report needs its source images")

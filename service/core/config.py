@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.destinations import AE_TITLE_PATTERN, Destination
-from service.limits import DEFAULT_ANALYSIS_MEMORY_BYTES
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.core.destinations import AE_TITLE_PATTERN, Destination
+from service.core.limits import DEFAULT_ANALYSIS_MEMORY_BYTES
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "flaircad-demo.onnx"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "flaircad-demo.onnx"
 
 
 def public_url(text: str) -> str:
@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     port: int = 8000
     flair_rules: Path | None = Field(
         None,
-        description="FLAIR series-selection rules (JSON, schema in service/flair.py); default: "
-        "the packaged service/rules/flair.json",
+        description="FLAIR series-selection rules (JSON, schema in service/core/flair.py); "
+        "default: the packaged service/core/rules/flair.json",
     )
     accept_non_flair: bool = Field(
         False,
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     orphan_sweep_interval_s: float = Field(
         30.0, gt=0, description="how often a process looks for analyses left by a process "
         "that died (several workers), to run them")
-    # -- PACS connection (service/pacs.py: results sent back, DIMSE listener) -----------------
+    # -- PACS connection (service/runtime/pacs.py: results sent back, DIMSE listener) -------------
     destinations: list[Destination] = Field(
         default_factory=list, description="where finished results (SC series + SR) are sent: "
         "a JSON list of DICOMweb STOW-RS and DIMSE C-STORE destinations (service/destinations"
@@ -168,7 +168,7 @@ class Settings(BaseSettings):
         DEFAULT_ANALYSIS_MEMORY_BYTES, ge=0, description="memory the analyses of the whole "
         "container may add to its processes' RSS together: the memory limit minus each "
         "process's base RSS (~400 MiB) and headroom. Each analysis gets this divided by "
-        "workers x http_workers; a series whose estimated peak (service/limits.py: 64 MiB + "
+        "workers x http_workers; a series whose estimated peak (service/core/limits.py: 64 MiB + "
         "16 bytes a voxel, measured) exceeds that is refused as series_too_large before it is "
         "decoded. The default (2.5 GiB) fits the shipped 4 GiB pod; 0: not checked")
     wado_max_frames: int = Field(

@@ -7,11 +7,11 @@ stability-window assembly as STOW-RS.
 * Presentation contexts: MR Image Storage and Enhanced MR Image Storage with the transfer
   syntaxes flaircad decodes (uncompressed, deflated, RLE, JPEG baseline/lossless, JPEG-LS,
   JPEG 2000), and Verification (C-ECHO).
-* Each instance goes through :func:`service.stow.store_parts`, as a STOW-RS part would: the
+* Each instance goes through :func:`service.intake.stow.store_parts`, as a STOW-RS part would: the
   same checks, the same spool, the same duplicate rules, and its series' stability window
   starts or is extended (``note_arrival``). Failures answer a C-STORE failure status: 0xA700
   out of resources (spool write failed, queue full or draining, too many series open:
-  :mod:`service.arrivals`), 0xC000 cannot understand,
+  :mod:`service.runtime.arrivals`), 0xC000 cannot understand,
   0x0122 SOP class not supported (no pixel data), 0x0111 a different instance under a known
   SOP Instance UID. The size limits of STOW-RS apply (``FLAIRCAD_MAX_MATRIX``, ...).
 * The audit trail gets one ``dimse`` line per association (calling AE title, peer address,
@@ -30,11 +30,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from service.audit import AuditLog
-from service.limits import Limits
-from service.multipart import Part
-from service.spool import SeriesKey, Spool
-from service.stow import StowResult, store_parts
+from service.core.limits import Limits
+from service.intake.multipart import Part
+from service.intake.stow import StowResult, store_parts
+from service.runtime.audit import AuditLog
+from service.storage.spool import SeriesKey, Spool
 
 log = logging.getLogger(__name__)
 

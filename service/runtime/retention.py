@@ -29,9 +29,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.audit import AuditLog
-from service.spool import SeriesKey, Spool
-from service.store import AnalysisStore
+from service.runtime.audit import AuditLog
+from service.storage.spool import SeriesKey, Spool
+from service.storage.store import AnalysisStore
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.contract import (
+from service.core.contract import (
     OUTPUT_NAMES,
     ModelContractError,
     ModelInfo,
@@ -80,7 +80,7 @@ class EngineOutput:
     ood_score: npt.NDArray[np.float32]  # (B,)
 
     def explanation(self, name: str) -> npt.NDArray[np.float32]:
-        """The map ``name`` (see :data:`service.contract.EXPLANATIONS`), (B, S, h, w)."""
+        """The map ``name`` (see :data:`service.core.contract.EXPLANATIONS`), (B, S, h, w)."""
         if name == "hirescam":
             return self.hirescam
         if name == "gradcam":

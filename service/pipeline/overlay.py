@@ -1,6 +1,7 @@
 """An explanation map back on the source images: geometry, colour, banner, preview montage.
 
-The map shown is the one ``FLAIRCAD_EXPLANATION`` chooses (:data:`service.contract.EXPLANATIONS`:
+The map shown is the one ``FLAIRCAD_EXPLANATION`` chooses
+(:data:`service.core.contract.EXPLANATIONS`:
 HiResCAM by default, Grad-CAM, or the model's own attention); "CAM" below means that map. Every
 banner names it (:func:`explanation_label`).
 
@@ -24,7 +25,7 @@ model's slice weights resampled to the source slices; for a sagittal or coronal 
 every source slice cuts through every model slice, the spatial attention decides.
 
 Banner text is drawn with OpenCV's Hershey fonts, which are ASCII only: every string passes
-:func:`service.sanitize.clean_ascii` first.
+:func:`service.pipeline.sanitize.clean_ascii` first.
 """
 
 from __future__ import annotations
@@ -37,21 +38,21 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from service.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.preprocess import (
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.core.preprocess import (
     PreparedVolume,
     area_matrix,
     canonical_to_source_axis,
     resize_linear,
     restore_to_source,
 )
-from service.sanitize import clean_ascii
+from service.pipeline.sanitize import clean_ascii
 
 RESEARCH_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 OUTSIDE_DISTRIBUTION_BANNER = "OUTSIDE THE TRAINING DISTRIBUTION"
 # The input matched no FLAIR rule and was analysed under FLAIRCAD_ACCEPT_NON_FLAIR
 NOT_FLAIR_BANNER = "NOT RECOGNISED AS FLAIR: RESEARCH OVERRIDE"
-# How banners, SeriesDescriptions and reports name each map of service.contract.EXPLANATIONS
+# How banners, SeriesDescriptions and reports name each map of service.core.contract.EXPLANATIONS
 EXPLANATION_LABELS: dict[str, str] = {
     "hirescam": "HiResCAM",
     "gradcam": "Grad-CAM",

@@ -10,9 +10,10 @@ that escapes:
 * where a sensible choice exists, the series goes through with a **warning** (:class:`Notice`).
 
 The codes are stable strings (:class:`Code`); clients may switch on them. Geometry that needs the
-slice positions sorted (spacing, gaps) is judged in :mod:`service.volume`, which also decodes the
+slice positions sorted (spacing, gaps) is judged in :mod:`service.core.volume`, which also decodes
+the
 pixels. Reading here never decodes pixel data: each file is parsed once, its (possibly
-compressed) pixel bytes stay as they are until :mod:`service.volume` decodes them exactly once.
+compressed) pixel bytes stay as they are until :mod:`service.core.volume` decodes them exactly once.
 
 Rules that are policy, not physics (documented in the README):
 
@@ -106,7 +107,8 @@ class Code(StrEnum):
     NON_ORTHOGONAL_STACK = "non_orthogonal_stack"
     DECODE_FAILED = "decode_failed"
     CONVERSION_FAILED = "conversion_failed"
-    NOT_FLAIR = "not_flair"  # only where the caller requires FLAIR (the API), see service.flair
+    # only where the caller requires FLAIR (the API), see service.core.flair
+    NOT_FLAIR = "not_flair"
     # warnings (the series still converts)
     NO_PREAMBLE = "no_preamble"
     DUPLICATE_INSTANCE = "duplicate_instance"
@@ -181,7 +183,7 @@ class Skipped(Notice):
 
 
 class SeriesRejected(Exception):
-    """Raised inside the ingest/volume pipeline; :func:`service.volume.convert` turns it into a
+    """Raised inside the ingest/volume pipeline; :func:`service.core.volume.convert` turns it into a
     :class:`Rejection` on the result, so callers see a value, not an exception."""
 
     def __init__(self, code: Code, message: str) -> None:

@@ -19,7 +19,7 @@ Pixels are decoded exactly once per frame, straight into the output array:
 The array is ``(slices, rows, columns)``: axis 0 runs along the slice normal (right-handed with
 the image rows/columns), axis 1 down the image rows, axis 2 along the columns, exactly as
 highdicom's :class:`~highdicom.Volume`. ``affine_lps`` maps those indices to DICOM patient
-millimetres (LPS); that pair is what :func:`service.preprocess.preprocess` takes.
+millimetres (LPS); that pair is what :func:`service.core.preprocess.preprocess` takes.
 
 Tolerances: slice spacings may vary by 1 % of the spacing (highdicom's default relative
 tolerance); slices must be stacked along the normal within 1e-3 of the dot product (≈ 2.6°).
@@ -45,8 +45,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from service.flair import selection_attributes
-from service.ingest import (
+from service.core.flair import selection_attributes
+from service.core.ingest import (
     Code,
     Frame,
     IngestResult,
@@ -90,7 +90,7 @@ class SeriesInfo:
     modality: str
     n_instances: int
     transfer_syntaxes: tuple[str, ...]
-    attributes: Mapping[str, Any]  # see service.flair.selection_attributes
+    attributes: Mapping[str, Any]  # see service.core.flair.selection_attributes
 
     @classmethod
     def of(cls, series: Series) -> SeriesInfo:
@@ -124,7 +124,7 @@ class SeriesVolume:
     @property
     def orientation(self) -> str:
         """Per array axis, the patient direction its index increases towards (as
-        :data:`service.preprocess.CANONICAL_ORIENTATION`, e.g. ``"SPL"`` for axial)."""
+        :data:`service.core.preprocess.CANONICAL_ORIENTATION`, e.g. ``"SPL"`` for axial)."""
         return orientation_code(self.affine_lps)
 
     def to_highdicom(self) -> highdicom.Volume:

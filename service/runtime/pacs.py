@@ -1,7 +1,7 @@
 """The PACS side of a running service: results sent to the configured destinations
-(:mod:`service.forward`) and the optional DIMSE listener (:mod:`service.dimse`).
+(:mod:`service.runtime.forward`) and the optional DIMSE listener (:mod:`service.intake.dimse`).
 
-The service process wires one :class:`PacsLink` next to its scheduler (``service/app.py``);
+The service process wires one :class:`PacsLink` next to its scheduler (``service/runtime/app.py``);
 ``flaircad dimse`` runs the same link, with a scheduler and the model but without HTTP
 (:func:`run_standalone`).
 
@@ -20,13 +20,13 @@ import logging
 import signal
 from typing import Any
 
-from service import audit
-from service.config import Settings
-from service.dimse import DimseListener
-from service.forward import DeliveryCollector, DeliveryStore, Forwarder
-from service.limits import Limits
-from service.scheduler import Scheduler
-from service.spool import SeriesKey, Spool
+from service.core.config import Settings
+from service.core.limits import Limits
+from service.intake.dimse import DimseListener
+from service.runtime import audit
+from service.runtime.forward import DeliveryCollector, DeliveryStore, Forwarder
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import SeriesKey, Spool
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class PacsLink:
 async def run_standalone(settings: Settings) -> int:
     """``flaircad dimse``: the DIMSE listener, the analyses and the result deliveries, without
     HTTP; until SIGTERM or SIGINT (which drain like the service does)."""
-    from service.engine import Engine
-    from service.store import AnalysisStore
+    from service.pipeline.engine import Engine
+    from service.storage.store import AnalysisStore
 
     engine = Engine(settings.model_path, settings.providers)
     engine.warm_up()

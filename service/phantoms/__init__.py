@@ -1246,7 +1246,7 @@ def _render(
 
 @dataclass(frozen=True)
 class PhantomVolume:
-    """A phantom sampled on an axial grid, in the canonical SPL order of service.preprocess."""
+    """A phantom sampled on an axial grid, in the canonical SPL order of service.core.preprocess."""
 
     volume: FloatArray  # (S, H, W): inferior->superior, anterior->posterior, right->left
     lesion_mask: BoolArray  # True in hyperintense lesions and in lacunes including their rim

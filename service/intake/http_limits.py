@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-logger = logging.getLogger("service.http_limits")
+logger = logging.getLogger("service.intake.http_limits")
 
 _REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
             431: b"Request Header Fields Too Large"}
@@ -70,7 +70,7 @@ class BoundedH11Protocol(H11Protocol):
     @classmethod
     def current_limits(cls) -> HeadLimits:
         if cls.limits is None:
-            from service.config import Settings
+            from service.core.config import Settings
 
             settings = Settings()
             cls.limits = HeadLimits(

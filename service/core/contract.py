@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.preprocess import PreprocessingConfig
+from service.core.preprocess import PreprocessingConfig
 
 INPUT_NAMES: tuple[str, str] = ("volume", "target_class")
 OUTPUT_NAMES: tuple[str, ...] = (

@@ -6,13 +6,13 @@ key name, ``jwt:<sub>``, or ``anonymous`` with authentication off; never a token
 address, the request id, Study/Series/SOP Instance UIDs, analysis ids and result UIDs. It never
 holds patient names, ids, birth dates or any other DICOM value than UIDs: UIDs identify an
 examination for those who may look it up in the PACS, and that is the point of an audit
-trail. This is also why UIDs go here and not into the normal log (:mod:`service.logs`).
+trail. This is also why UIDs go here and not into the normal log (:mod:`service.runtime.logs`).
 
 Events: ``stow`` (STOW-RS: instances stored or refused, per series; conflicts by SOP Instance
 UID), ``upload`` (an analysis requested through ``/v1/analyses``, or answered from an earlier
 identical one), ``analysis`` (finished: status, prediction, result UIDs), ``read`` (a result,
 its instances, its preview or a WADO-RS resource fetched), ``dimse`` (what one C-STORE
-association stored, written by :mod:`service.dimse`), ``auth_failed`` (reason and client,
+association stored, written by :mod:`service.intake.dimse`), ``auth_failed`` (reason and client,
 never the token; further ones of a window counted in ``auth_failed_repeated``), ``retention``
 (what the sweep deleted).
 

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from service.spool import SeriesKey, safe_uid
+from service.storage.spool import SeriesKey, safe_uid
 
 UNKNOWN_SENDER = ""  # series found in the spool at start: they count in all, not per sender
 

@@ -16,18 +16,18 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import audit, metrics
 from service.api import analyses, dicomweb, problems, system, wado
 from service.api.deps import Runtime
 from service.api.middleware import RequestContext
 from service.api.security import Authentication, SecurityHeaders, document_security
-from service.auth import Authenticator, check_configured
-from service.config import Settings
-from service.engine import Engine
-from service.pacs import PacsLink
-from service.scheduler import Scheduler
-from service.spool import Spool
-from service.store import AnalysisStore
+from service.core.config import Settings
+from service.pipeline.engine import Engine
+from service.runtime import audit, metrics
+from service.runtime.auth import Authenticator, check_configured
+from service.runtime.pacs import PacsLink
+from service.runtime.scheduler import Scheduler
+from service.storage.spool import Spool
+from service.storage.store import AnalysisStore
 
 log = logging.getLogger(__name__)
 

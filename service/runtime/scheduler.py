@@ -3,7 +3,7 @@
 * STOW-RS (and later C-STORE) instances land in the spool and mark their series as "arriving";
   a series that has received nothing for ``stability_window_s`` is complete and gets an analysis.
   A series whose content was already analysed (same instances) is not analysed again.
-  The window's bookkeeping is :class:`service.arrivals.ArrivalWindow`: a series with a
+  The window's bookkeeping is :class:`service.runtime.arrivals.ArrivalWindow`: a series with a
   STOW-RS request for it still in flight is not complete, open series are bounded
   (:class:`TooManyOpenSeries`, HTTP 503), complete ones are claimed round-robin over senders,
   and a claim that fails (disk full) leaves the series in the window, retried with backoff.
@@ -49,14 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import logs, metrics, retention
-from service.arrivals import ArrivalWindow, Hold
-from service.audit import trail
-from service.config import Settings
-from service.engine import Engine
-from service.limits import Limits
-from service.spool import SeriesKey, Spool
-from service.store import FINISHED, AnalysisStore, Record, Status
+from service.core.config import Settings
+from service.core.limits import Limits
+from service.pipeline.engine import Engine
+from service.runtime import logs, metrics, retention
+from service.runtime.arrivals import ArrivalWindow, Hold
+from service.runtime.audit import trail
+from service.storage.spool import SeriesKey, Spool
+from service.storage.store import FINISHED, AnalysisStore, Record, Status
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Scheduler:
                  analyse: Callable[..., Any] | None = None) -> None:
         self.settings, self.engine, self.spool, self.store = settings, engine, spool, store
         if analyse is None:
-            from service.analysis import analyse as default_analyse
+            from service.pipeline.analysis import analyse as default_analyse
             analyse = default_analyse
         self._analyse = analyse
         # Unbounded underneath: the bound is enforced on new work only, so that restart recovery
@@ -181,7 +181,7 @@ class Scheduler:
         self._lease = spool.acquire_lease()
         self._rules: Any = None
         # called with the id of every analysis that ends DONE, in its worker thread (results
-        # sent to the PACS: service/pacs.py)
+        # sent to the PACS: service/runtime/pacs.py)
         self.result_hooks: list[Callable[[str], None]] = []
         # outcomes the database refused (disk full, busy): the orphan sweep writes them
         self._unrecorded: dict[str, _Unrecorded] = {}
@@ -189,7 +189,7 @@ class Scheduler:
         self._limits = Limits.of(settings)
         self._audit = trail(settings)
         if settings.flair_rules is not None:
-            from service.flair import load_rules
+            from service.core.flair import load_rules
             self._rules = load_rules(settings.flair_rules)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -388,7 +388,7 @@ class Scheduler:
             shutil.rmtree(folder, ignore_errors=True)
 
     async def _sweep_retention(self) -> None:
-        """Expired analyses, their results and inputs go (service/retention.py); the first
+        """Expired analyses, their results and inputs go (service/runtime/retention.py); the first
         sweep runs at start, which also clears what a crash left behind."""
         while True:
             try:
@@ -497,7 +497,7 @@ class Scheduler:
             logs.ANALYSIS_ID.reset(analysis_token)
 
     def _run_logged(self, job: _Job, waited_s: float) -> Record:
-        from service.analysis import AnalysisRejected, write_outputs
+        from service.pipeline.analysis import AnalysisRejected, write_outputs
 
         record = job.record
         started = time.perf_counter()

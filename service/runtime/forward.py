@@ -1,5 +1,5 @@
 """Results back to the PACS: every finished analysis' SC series and SR are sent to each
-configured destination (:mod:`service.destinations`), with retries and exponential backoff.
+configured destination (:mod:`service.core.destinations`), with retries and exponential backoff.
 
 State lives in the spool database (table ``deliveries``, one row per analysis and
 destination), so a restart resumes what was pending:
@@ -46,8 +46,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.destinations import Destination
-from service.store import connect
+from service.core.destinations import Destination
+from service.storage.store import connect
 
 log = logging.getLogger(__name__)
 
