@@ -1,4 +1,5 @@
-# Two set-up commands (README): `make serve` and `make test`. Both build .venv on first use.
+# Two set-up commands (README): `make serve` and `make test`. Both build .venv on first use
+# (so does `make lint`, which CI runs before `make test`).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -35,8 +36,12 @@ serve: $(RUNTIME_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Style, layer contracts ([tool.importlinter]) and types ([tool.mypy]: strict for service.core
+# and service.pipeline). bench/ holds scripts, not a package: ruff checks it, mypy does not.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy service model_export
 
 # Deterministic on 2 CPU cores: pretrain the backbone on lesion sites, train, export (verified).
 model: $(STAMP)

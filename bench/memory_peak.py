@@ -71,10 +71,11 @@ def write_series(folder: Path, slices: int, matrix: int, *, sagittal: bool = Fal
 def child(folder: Path, warm: Path) -> dict[str, Any]:
     """One analysis of ``folder`` in this (fresh) interpreter, after a warm-up on ``warm``."""
     from service.core.config import BUNDLED_MODEL
-    from service.core.ingest import iter_folder
     from service.core.limits import decoded_bytes
-    from service.pipeline.analysis import analyse, write_outputs
+    from service.core.reading import iter_folder
+    from service.pipeline.analysis import analyse
     from service.pipeline.engine import Engine
+    from service.storage.results import write_outputs
 
     engine = Engine(BUNDLED_MODEL, ["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as out:

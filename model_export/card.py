@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from service.core.contract import Explanation, Output
+
 BEGIN = "<!-- evaluation:begin -->"
 END = "<!-- evaluation:end -->"
 HEADING = "## Evaluation (generated)"
 CLASSES = ("MS", "cSVD")
-MAP_LABELS = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM", "attention": "attention"}
+MAP_LABELS = {Explanation.HIRESCAM.value: "HiResCAM", Explanation.GRADCAM.value: "Grad-CAM",
+              Explanation.ATTENTION.value: "attention"}
 FIGURES = {"reliability": "reliability.png", "roc": "roc.png", "ood": "ood_scores.png"}
 
 
@@ -66,7 +69,7 @@ def _map_table(cohorts: dict[str, Any]) -> list[str]:
     for name, c in cohorts.items():
         if c["kind"] != "classification":
             continue
-        shown = list(MAP_LABELS) if name == "test" else ["hirescam"]
+        shown = list(MAP_LABELS) if name == "test" else [Explanation.HIRESCAM.value]
         for map_name in shown:
             m = c["maps"][map_name]
             edge, edge_any = m["edge_peaks"], m["edge_peaks_any"]
@@ -266,7 +269,7 @@ def _roc_figure(cohorts: dict[str, Any], path: Path) -> None:
 
 def _ood_figure(cohorts: dict[str, Any], threshold: float, path: Path) -> None:
     plt = _pyplot()
-    groups = {name: [r["ood_score"] for r in cohorts[name]["series"]]
+    groups = {name: [r[Output.OOD_SCORE] for r in cohorts[name]["series"]]
               for name in ("test", "mass", "t1", "real") if name in cohorts}
     groups = {k: v for k, v in groups.items() if v}
     values = np.concatenate([np.asarray(v, dtype=np.float64) for v in groups.values()]
@@ -282,7 +285,7 @@ def _ood_figure(cohorts: dict[str, Any], threshold: float, path: Path) -> None:
     ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
     if logarithmic:
         ax.set_xscale("log")
-    ax.set(xlabel="ood_score", ylabel="inputs", title="distance from the training data")
+    ax.set(xlabel=Output.OOD_SCORE.value, ylabel="inputs", title="distance from the training data")
     ax.legend(fontsize=8)
     _save(fig, path)
 

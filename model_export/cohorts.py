@@ -17,18 +17,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from model_export import seeds
+from model_export.data import load_nifti
 from model_export.scoring import dilate_lesions, map_stats
 from service import phantoms
-from service.core.contract import EXPLANATIONS
+from service.core.contract import EXPLANATIONS, Output
 from service.core.preprocess import preprocess
 from service.pipeline.engine import Engine
 from service.pipeline.overlay import cam_to_source
+
+if TYPE_CHECKING:
+    from service.core.volume import SeriesVolume
 
 MAPS: tuple[str, ...] = tuple(EXPLANATIONS)  # hirescam, gradcam, attention
 RADIUS_MM = 7.5
@@ -147,9 +151,9 @@ def analyse(engine: Engine, array: npt.NDArray[np.float32], affine: npt.NDArray[
 
 
 def _outputs(out: Any) -> dict[str, Any]:
-    return {"probabilities": [float(v) for v in out.probabilities[0]],
-            "logits": [float(v) for v in out.logits[0]],
-            "ood_score": float(out.ood_score[0])}
+    return {Output.PROBABILITIES.value: [float(v) for v in out.probabilities[0]],
+            Output.LOGITS.value: [float(v) for v in out.logits[0]],
+            Output.OOD_SCORE.value: float(out.ood_score[0])}
 
 
 def score_phantom(engine: Engine, job: Job) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def score_phantom(engine: Engine, job: Job) -> dict[str, Any]:
         volume = load_series_volume(tmp)
     prepared, out = analyse(engine, volume.array, volume.affine_lps)
     # volume slice k is the file whose InstanceNumber is n: truth index n - 1
-    order = [s.instance_number - 1 for s in volume.slices]
+    order = _truth_order(volume)
     lesion = np.asarray(truth.lesion_mask, dtype=bool)[order]
     brain = np.asarray(truth.brain_mask, dtype=bool)[order]
     if lesion.shape != volume.array.shape:
@@ -191,9 +195,7 @@ def score_real(engine: Engine, job: Job) -> dict[str, Any]:
         volume = load_series_volume(path)
         array, affine = volume.array, volume.affine_lps
     else:
-        import nibabel
-
-        image = nibabel.load(path)
+        image = load_nifti(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
         if data.ndim == 4:
             data = data[..., job.time_index or 0]
@@ -206,11 +208,19 @@ def score_real(engine: Engine, job: Job) -> dict[str, Any]:
             "shape": [int(v) for v in array.shape], **_outputs(out)}
 
 
+def _truth_order(volume: SeriesVolume) -> list[int]:
+    """The truth index of each volume slice: InstanceNumber n is the phantom's slice n - 1."""
+    order = []
+    for s in volume.slices:
+        if s.instance_number is None:  # the phantom writer numbers every file
+            raise ValueError("a phantom slice without InstanceNumber")
+        order.append(s.instance_number - 1)
+    return order
+
+
 def real_jobs(samples: Path, *, first_only: bool = False) -> tuple[list[Job], list[dict[str, Any]]]:
     """One job per single-volume DICOM series (the service's reader) and, where the reader
     rejects a folder (4D, mosaic), one per 3D time point of its reference NIfTI files."""
-    import nibabel
-
     from service.core.volume import load_folder
 
     jobs: list[Job] = []
@@ -224,7 +234,7 @@ def real_jobs(samples: Path, *, first_only: bool = False) -> tuple[list[Job], li
         codes = sorted({str(o.rejection.code) for o in outcomes if o.rejection is not None})
         count = 0
         for nii in sorted((folder / "ref").glob("*.nii")):
-            shape = nibabel.load(nii).shape
+            shape = load_nifti(nii).shape
             times = [None] if len(shape) == 3 else list(range(shape[3]))
             for t in times[:1] if first_only else times:
                 jobs.append(Job("real", source=str(nii), time_index=t, group=folder.name,

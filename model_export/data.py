@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,9 @@ from service.core.preprocess import (
     resize_area,
 )
 from service.phantoms import CLASS_NAMES, generate_phantom
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 # NIfTI stores RAS; DICOM and our affines are LPS.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -42,6 +46,18 @@ class Sample:
     lesion_mask: npt.NDArray[np.bool_] | None = None  # phantoms only, on the model grid
 
 
+def load_nifti(path: Path | str) -> SpatialImage:
+    """``nibabel.load`` of an image with voxels and an affine (a NIfTI file): load itself is
+    typed as returning any file-based image."""
+    import nibabel
+    from nibabel.spatialimages import SpatialImage
+
+    image = nibabel.load(path)
+    if not isinstance(image, SpatialImage):
+        raise ValueError(f"{path}: not a spatial image ({type(image).__name__})")
+    return image
+
+
 def load_volume(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
     """A NIfTI file or a folder of one DICOM series → (array, affine to LPS)."""
     if path.is_dir():
@@ -50,9 +66,7 @@ def load_volume(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.flo
 
         volume = load_series_volume(path)
         return volume.array, volume.affine_lps
-    import nibabel
-
-    image = nibabel.load(path)
+    image = load_nifti(path)
     data = np.asarray(image.dataobj, dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
@@ -143,11 +157,11 @@ def stratified_group_folds(
     folds: list[list[int]] = [[] for _ in range(k)]
     offset = 0
     for cls in sorted(by_class):
-        members = sorted(by_class[cls])
-        rng.shuffle(members)
-        for j, group in enumerate(members):
+        groups = sorted(by_class[cls])
+        rng.shuffle(groups)
+        for j, group in enumerate(groups):
             folds[(j + offset) % k].extend(patients[group])
-        offset += len(members)
+        offset += len(groups)
     return [sorted(fold) for fold in folds]
 
 

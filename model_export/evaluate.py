@@ -42,6 +42,7 @@ from model_export.scoring import (
     reliability,
     uncalibrated_probabilities,
 )
+from service.core.contract import Explanation, Output
 from service.pipeline.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,9 +91,9 @@ def check_seeds(all_seeds: Sequence[int], training_summary: dict[str, Any]) -> d
 
 def classification(records: list[dict[str, Any]], temperature: float, *, resamples: int
                    ) -> dict[str, Any]:
-    probs = np.array([r["probabilities"] for r in records], dtype=np.float64)
+    probs = np.array([r[Output.PROBABILITIES] for r in records], dtype=np.float64)
     labels = np.array([CLASSES.index(r["label"]) for r in records], dtype=np.int64)
-    raw = uncalibrated_probabilities([r["logits"] for r in records], temperature)
+    raw = uncalibrated_probabilities([r[Output.LOGITS] for r in records], temperature)
     is_ms = labels == 0
     base = binary_metrics(probs, labels, CLASSES, positive=0)
     auc, low, high = bootstrap_auc(probs[:, 0], is_ms, resamples=resamples, seed=BOOTSTRAP_SEED)
@@ -137,15 +138,15 @@ def map_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ood_summary(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    scores = [r["ood_score"] for r in records]
+    scores = [r[Output.OOD_SCORE] for r in records]
     flagged = sum(s > threshold for s in scores)
     return {"n": len(scores), "flagged": flagged, "flag_rate": rate(flagged, len(scores)),
             **distribution(scores)}
 
 
 def predictions(records: list[dict[str, Any]]) -> dict[str, Any]:
-    p_ms = [r["probabilities"][0] for r in records]
-    called = [CLASSES[int(np.argmax(r["probabilities"]))] for r in records]
+    p_ms = [r[Output.PROBABILITIES][0] for r in records]
+    called = [CLASSES[int(np.argmax(r[Output.PROBABILITIES]))] for r in records]
     return {"called_MS": called.count("MS"), "called_cSVD": called.count("cSVD"),
             "mean_p_ms": float(np.mean(p_ms)) if p_ms else None}
 
@@ -154,16 +155,16 @@ def series_rows(records: list[dict[str, Any]], temperature: float, threshold: fl
                 ) -> list[dict[str, Any]]:
     rows = []
     for r in records:
-        raw = uncalibrated_probabilities([r["logits"]], temperature)[0]
+        raw = uncalibrated_probabilities([r[Output.LOGITS]], temperature)[0]
         row: dict[str, Any] = {k: r[k] for k in ("seed", "label", "compress", "group",
                                                   "source", "time_index")
                                if r.get(k) is not None}
         if "source" in row:
             row["source"] = _shown(Path(row["source"]))
-        row.update({"p_ms": round(r["probabilities"][0], 6),
+        row.update({"p_ms": round(r[Output.PROBABILITIES][0], 6),
                     "p_ms_uncalibrated": round(float(raw[0]), 6),
-                    "ood_score": round(r["ood_score"], 5),
-                    "flagged": bool(r["ood_score"] > threshold)})
+                    Output.OOD_SCORE.value: round(r[Output.OOD_SCORE], 5),
+                    "flagged": bool(r[Output.OOD_SCORE] > threshold)})
         rows.append(row)
     return rows
 
@@ -205,7 +206,7 @@ def targets(report_cohorts: dict[str, Any]) -> list[dict[str, Any]]:
     test = report_cohorts.get("test")
     out: list[Target] = []
     if test is not None:
-        c, hires = test["classification"], test["maps"]["hirescam"]
+        c, hires = test["classification"], test["maps"][Explanation.HIRESCAM]
         out += [Target("AUC (MS positive)", "test", c["auc"], 0.98, True),
                 Target("balanced accuracy (plain)", "test", c["balanced_accuracy"], 0.93, True),
                 Target("ECE (calibrated)", "test", c["ece"], 0.05, False)]

@@ -35,8 +35,19 @@ from model_export.model import (
     embedding_dim,
     volume_embedding,
 )
-from service.core.contract import CHECKPOINT_FORMAT, INPUT_NAMES, INTENDED_USE, OUTPUT_NAMES
-from service.core.preprocess import PreprocessingConfig, preprocess, resize_area
+from service.core.contract import (
+    CHECKPOINT_FORMAT,
+    INPUT_NAMES,
+    INTENDED_USE,
+    OUTPUT_NAMES,
+    CheckpointKey,
+    Input,
+    Meta,
+    Output,
+    PreprocessingConfig,
+    io_descriptions,
+)
+from service.core.preprocess import preprocess, resize_area
 from service.phantoms import generate_phantom
 
 OPSET = 18
@@ -66,26 +77,26 @@ class Checkpoint:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    if raw.get("format") != CHECKPOINT_FORMAT:
+    if raw.get(CheckpointKey.FORMAT) != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    model = AttentionClassifier(ModelConfig(**raw["model_config"]))
-    model.load_state_dict(raw["state_dict"])
+    model = AttentionClassifier(ModelConfig(**raw[CheckpointKey.MODEL_CONFIG]))
+    model.load_state_dict(raw[CheckpointKey.STATE_DICT])
     model.eval()
     distance = EmbeddingDistance(embedding_dim(model.config), model.config.num_classes)
-    if raw["distance_state"]["means"].shape != distance.means.shape:
+    if raw[CheckpointKey.DISTANCE_STATE]["means"].shape != distance.means.shape:
         raise ValueError(f"{path}: its distance was fitted on another embedding than "
                          "model.volume_embedding gives; refit it (python -m "
                          "model_export.recalibrate)")
-    distance.load_state_dict(raw["distance_state"])
-    explained = ExplainedClassifier(model, raw["temperature"], distance).eval()
+    distance.load_state_dict(raw[CheckpointKey.DISTANCE_STATE])
+    explained = ExplainedClassifier(model, raw[CheckpointKey.TEMPERATURE], distance).eval()
     return Checkpoint(
         model=model,
         explained=explained,
-        calibration=dict(raw["calibration"]),
-        out_of_distribution=dict(raw["out_of_distribution"]),
-        class_names=list(raw["class_names"]),
-        preprocessing=PreprocessingConfig.from_json(raw["preprocessing"]),
-        training_summary=raw["training_summary"],
+        calibration=dict(raw[CheckpointKey.CALIBRATION]),
+        out_of_distribution=dict(raw[CheckpointKey.OUT_OF_DISTRIBUTION]),
+        class_names=list(raw[CheckpointKey.CLASS_NAMES]),
+        preprocessing=PreprocessingConfig.from_json(raw[CheckpointKey.PREPROCESSING]),
+        training_summary=raw[CheckpointKey.TRAINING_SUMMARY],
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
 
@@ -134,24 +145,26 @@ def verify(onnx_path: Path, explained: ExplainedClassifier,
     report = []
     for volume, target in verification_inputs(preprocessing):
         got = dict(zip(OUTPUT_NAMES, session.run(
-            list(OUTPUT_NAMES), {"volume": volume, "target_class": target}), strict=True))
+            list(OUTPUT_NAMES), {Input.VOLUME.value: volume, Input.TARGET_CLASS.value: target}),
+            strict=True))
         maps = autograd_maps(model, torch.from_numpy(volume), torch.from_numpy(target))
         with torch.no_grad():
             logits = maps.out.logits / explained.temperature
             distance = explained.distance(volume_embedding(maps.out)).numpy()
         reference = {
-            "probabilities": torch.softmax(logits, -1).detach().numpy(),
-            "slice_weights": maps.out.slice_weights.detach().numpy(),
-            "spatial_attention": maps.out.spatial_attention.detach().numpy(),
+            Output.PROBABILITIES.value: torch.softmax(logits, -1).detach().numpy(),
+            Output.SLICE_WEIGHTS.value: maps.out.slice_weights.detach().numpy(),
+            Output.SPATIAL_ATTENTION.value: maps.out.spatial_attention.detach().numpy(),
         }
         entry: dict[str, Any] = {"shape": list(volume.shape[:2]),
-                                 "target_class": target.tolist()}
+                                 Input.TARGET_CLASS.value: target.tolist()}
         for name, value in reference.items():
             entry[f"{name}_max_abs_diff"] = float(np.abs(got[name] - value).max())
         entry["ood_score_max_rel_diff"] = float(
-            (np.abs(got["ood_score"] - distance) / np.maximum(np.abs(distance), 1.0)).max())
-        entry["gradcam_correlation"] = _correlation(maps.gradcam.numpy(), got["gradcam"])
-        entry["hirescam_correlation"] = _correlation(maps.hirescam.numpy(), got["hirescam"])
+            (np.abs(got[Output.OOD_SCORE] - distance) / np.maximum(np.abs(distance), 1.0)).max())
+        entry["gradcam_correlation"] = _correlation(maps.gradcam.numpy(), got[Output.GRADCAM])
+        entry["hirescam_correlation"] = _correlation(maps.hirescam.numpy(),
+                                                     got[Output.HIRESCAM])
         report.append(entry)
         close = all(entry[f"{name}_max_abs_diff"] <= PROBABILITY_TOLERANCE for name in reference)
         close = close and entry["ood_score_max_rel_diff"] <= DISTANCE_RELATIVE_TOLERANCE
@@ -163,7 +176,7 @@ def verify(onnx_path: Path, explained: ExplainedClassifier,
 
 
 def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_version: str,
-                allow_padding_frame: bool = False) -> dict:
+                allow_padding_frame: bool = False) -> dict[str, Any]:
     """Export, attach metadata, verify; ``out`` is written only when everything holds."""
     wrapper = checkpoint.explained
     offset_mismatch = checkpoint.model.config.input_offset != checkpoint.preprocessing.background
@@ -180,16 +193,19 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
         program = torch.onnx.export(
             wrapper, example, dynamo=True, opset_version=OPSET, external_data=False,
             input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={"volume": {0: batch, 1: n_slices}, "target_class": {0: batch}},
+            dynamic_shapes={Input.VOLUME.value: {0: batch, 1: n_slices},
+                            Input.TARGET_CLASS.value: {0: batch}},
             verbose=False,
         )
+        if program is None:  # the legacy exporter's answer; dynamo=True returns a program
+            raise ExportVerificationError("torch.onnx.export returned no ONNX program")
         proto = program.model_proto
         metadata = {
-            "name": model_name,
-            "model_version": model_version,
-            "class_names": json.dumps(checkpoint.class_names),
-            "preprocessing": checkpoint.preprocessing.to_json(),
-            "architecture": json.dumps({
+            Meta.NAME.value: model_name,
+            Meta.MODEL_VERSION.value: model_version,
+            Meta.CLASS_NAMES.value: json.dumps(checkpoint.class_names),
+            Meta.PREPROCESSING.value: checkpoint.preprocessing.to_json(),
+            Meta.ARCHITECTURE.value: json.dumps({
                 "description": checkpoint.model.config.describe(),
                 **checkpoint.model.config.to_dict(),
                 "feature_stride": checkpoint.model.config.feature_stride,
@@ -198,26 +214,13 @@ def export_onnx(checkpoint: Checkpoint, out: Path, model_name: str, model_versio
                 # air != the padding value: zero padding draws a frame the features answer to
                 "padding_frame": offset_mismatch,
             }, sort_keys=True),
-            "training_summary": json.dumps(checkpoint.training_summary, sort_keys=True),
-            "intended_use": INTENDED_USE,
-            "source_checkpoint_sha256": checkpoint.sha256,
-            "calibration": json.dumps(checkpoint.calibration, sort_keys=True),
-            "out_of_distribution": json.dumps(checkpoint.out_of_distribution, sort_keys=True),
-            "outputs": json.dumps({
-                "probabilities": "(B, K) calibrated softmax (logits / temperature), order of "
-                                 "class_names",
-                "logits": "(B, K) calibrated logits: network logits / temperature",
-                "slice_weights": "(B, S) gated attention over slices, sums to 1",
-                "spatial_attention": "(B, S, h, w) per-slice attention, sums to 1 per slice",
-                "gradcam": "(B, S, h, w) ReLU Grad-CAM of target_class at gradcam_layer, "
-                           "unnormalised (comparable across the slices of a volume)",
-                "hirescam": "(B, S, h, w) ReLU HiResCAM (gradient x features, summed over "
-                            "channels) of target_class at gradcam_layer, unnormalised",
-                "ood_score": "(B,) Mahalanobis distance of the volume embedding to the nearest "
-                             "training class mean; above out_of_distribution.threshold the "
-                             "input is unlike the training data",
-                "target_class": "(B,) int64, -1 = predicted class",
-            }, sort_keys=True),
+            Meta.TRAINING_SUMMARY.value: json.dumps(checkpoint.training_summary, sort_keys=True),
+            Meta.INTENDED_USE.value: INTENDED_USE,
+            Meta.SOURCE_CHECKPOINT_SHA256.value: checkpoint.sha256,
+            Meta.CALIBRATION.value: json.dumps(checkpoint.calibration, sort_keys=True),
+            Meta.OUT_OF_DISTRIBUTION.value: json.dumps(checkpoint.out_of_distribution,
+                                                       sort_keys=True),
+            Meta.OUTPUTS.value: json.dumps(io_descriptions(), sort_keys=True),
         }
         del proto.metadata_props[:]
         for key, value in metadata.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,8 @@ class ResNetBackbone(nn.Module):
     # A fixed input scale (the spread of ImageNet-normalised input); the offset is the model's
     # ``input_offset`` so that air is 0 where the zero padding starts.
     input_std = 0.25
+    # added by add_module in __init__ (layer2.. up to output_stage are looked up by name)
+    layer1: nn.Sequential
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -341,11 +343,14 @@ def feature_gradient(model: AttentionClassifier, out: ModelOutput, target: Tenso
         g_alpha = torch.einsum("bscp,bsc->bsp", positions, g_v)
         g_e = alpha * (g_alpha - (alpha * g_alpha).sum(-1, keepdim=True))  # (B, S, P)
         bn = spatial.bn
-        bn_scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # eval-mode BN is affine
+        running_mean, running_var, bias = bn.running_mean, bn.running_var, spatial.conv1.bias
+        if running_mean is None or running_var is None or bias is None:  # built with both
+            raise ValueError("spatial attention without BN running statistics or conv bias")
+        bn_scale = bn.weight / torch.sqrt(running_var + bn.eps)  # eval-mode BN is affine
         w1 = spatial.conv1.weight.flatten(1)  # (Hs, C)
-        hidden = torch.einsum("hc,bscp->bshp", w1, positions) + spatial.conv1.bias[:, None]
+        hidden = torch.einsum("hc,bscp->bshp", w1, positions) + bias[:, None]
         t2 = torch.tanh(
-            (hidden - bn.running_mean[:, None]) * bn_scale[:, None] + bn.bias[:, None]
+            (hidden - running_mean[:, None]) * bn_scale[:, None] + bn.bias[:, None]
         )
         w2 = spatial.conv2.weight.flatten()  # (Hs,)
         g_hidden = w2[:, None] * g_e.unsqueeze(2) * (1 - t2 * t2) * bn_scale[:, None]
@@ -404,6 +409,10 @@ class EmbeddingDistance(nn.Module):
     depend on the scale of each value (channel means and spreads differ by orders of
     magnitude). Buffers, so the fit travels in the checkpoint and the ONNX graph."""
 
+    # registered buffers (nn.Module's attribute lookup is typed as Tensor | Module)
+    means: Tensor
+    whitening: Tensor
+
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.register_buffer("means", torch.zeros(num_classes, dim))
@@ -443,6 +452,8 @@ class ExplainedClassifier(nn.Module):
     """The exported graph: calibrated classification, its explanation maps for
     ``target_class`` and the distance from the training data, in one pass. Output order is
     ``service.core.contract.OUTPUT_NAMES``."""
+
+    temperature: Tensor  # a registered buffer
 
     def __init__(self, model: AttentionClassifier, temperature: float = 1.0,
                  distance: EmbeddingDistance | None = None):
@@ -521,6 +532,7 @@ def load_pretrained_backbone(
     spatial-attention weights (key ``spatial_attention``), loaded when the model has one.
     """
     attention_state: dict[str, Tensor] | None = None
+    state: dict[str, Any]  # torch.load's: checked below, entry by entry
     if isinstance(source, Mapping):
         state = dict(source)
     else:

@@ -71,6 +71,8 @@ def _site_example(args: tuple[int, str, int, PreprocessingConfig, int]
     seed, label, slices, config, stride = args
     phantom = generate_phantom(label, seed, slices=slices)
     prepared = preprocess(phantom.volume, phantom.affine, config)
+    if phantom.lesion_sites is None:  # generate_phantom draws them for every class
+        raise ValueError(f"phantom {seed} ({label}) has no lesion sites")
     sites = reorient_to_canonical(phantom.lesion_sites, phantom.affine).array
     n_slices, height, width = config.model_grid
     grid = (n_slices, height // stride, width // stride)
@@ -99,7 +101,7 @@ def pretrain(config: ModelConfig, preprocessing: PreprocessingConfig, n_phantoms
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    history = []
+    history: list[dict[str, Any]] = []
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(volumes))
         total = 0.0

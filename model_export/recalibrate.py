@@ -20,6 +20,7 @@ import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ from model_export import seeds
 from model_export.data import Sample, _phantom_sample, make_splits, phantom_cohort
 from model_export.model import AttentionClassifier, ModelConfig
 from model_export.train import calibrate
-from service.core.contract import CHECKPOINT_FORMAT
-from service.core.preprocess import PreprocessingConfig
+from service.core.contract import CHECKPOINT_FORMAT, CheckpointKey, PreprocessingConfig
 from service.phantoms import CLASS_NAMES
 
 FORMAT_1_INPUT_OFFSET = 0.5
@@ -55,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     raw = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    old_format = raw.get("format")
+    old_format = raw.get(CheckpointKey.FORMAT)
     if old_format not in ("flaircad-checkpoint/1", CHECKPOINT_FORMAT):
         raise SystemExit(f"{args.checkpoint} is not a flaircad checkpoint")
-    config = ModelConfig(**raw["model_config"])
+    config = ModelConfig(**raw[CheckpointKey.MODEL_CONFIG])
     if old_format == "flaircad-checkpoint/1":
-        config = ModelConfig(**{**raw["model_config"], "input_offset": FORMAT_1_INPUT_OFFSET})
+        config = ModelConfig(**{**raw[CheckpointKey.MODEL_CONFIG],
+                                "input_offset": FORMAT_1_INPUT_OFFSET})
     model = AttentionClassifier(config)
-    model.load_state_dict(raw["state_dict"])
+    model.load_state_dict(raw[CheckpointKey.STATE_DICT])
     model.eval()
     # format 1 had no background field: air was 0 after min–max there too
-    preprocessing = PreprocessingConfig.from_json(raw["preprocessing"])
+    preprocessing = PreprocessingConfig.from_json(raw[CheckpointKey.PREPROCESSING])
     if old_format == CHECKPOINT_FORMAT:  # the cohort train.py drew: seeds.CLASSIFIER
         samples = phantom_cohort(args.phantoms, preprocessing, seed=args.seed,
                                  workers=args.threads)
@@ -75,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                         args.seed)[0]
     temperature, distance, calibration, ood = calibrate(model, samples, split.train,
                                                         split.valid)
-    summary = dict(raw["training_summary"])
+    summary = dict(raw[CheckpointKey.TRAINING_SUMMARY])
     if old_format == CHECKPOINT_FORMAT:
-        torch.save({**raw, "temperature": temperature, "distance_state": distance.state_dict(),
-                    "calibration": calibration, "out_of_distribution": ood}, args.out)
-        print(json.dumps({"out": str(args.out), "calibration": calibration,
-                          "out_of_distribution": ood}, indent=2), file=sys.stderr)
+        torch.save({**raw, CheckpointKey.TEMPERATURE.value: temperature,
+                    CheckpointKey.DISTANCE_STATE.value: distance.state_dict(),
+                    CheckpointKey.CALIBRATION.value: calibration,
+                    CheckpointKey.OUT_OF_DISTRIBUTION.value: ood}, args.out)
+        _print_fitted(args.out, calibration, ood)
         return 0
     summary["seeds"] = {
         "classifier": [args.seed * 100_000, args.seed * 100_000 + args.phantoms],
@@ -89,13 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary["recalibrated"] = ("format-1 network (input centred on 0.5: air is -2 against "
                                "zero padding); temperature and distance fitted afterwards")
-    torch.save({**raw, "format": CHECKPOINT_FORMAT, "model_config": config.to_dict(),
-                "preprocessing": preprocessing.to_json(), "temperature": temperature,
-                "distance_state": distance.state_dict(), "calibration": calibration,
-                "out_of_distribution": ood, "training_summary": summary}, args.out)
-    print(json.dumps({"out": str(args.out), "calibration": calibration,
-                      "out_of_distribution": ood}, indent=2), file=sys.stderr)
+    torch.save({**raw, CheckpointKey.FORMAT.value: CHECKPOINT_FORMAT,
+                CheckpointKey.MODEL_CONFIG.value: config.to_dict(),
+                CheckpointKey.PREPROCESSING.value: preprocessing.to_json(),
+                CheckpointKey.TEMPERATURE.value: temperature,
+                CheckpointKey.DISTANCE_STATE.value: distance.state_dict(),
+                CheckpointKey.CALIBRATION.value: calibration,
+                CheckpointKey.OUT_OF_DISTRIBUTION.value: ood,
+                CheckpointKey.TRAINING_SUMMARY.value: summary}, args.out)
+    _print_fitted(args.out, calibration, ood)
     return 0
+
+
+def _print_fitted(out: Path, calibration: dict[str, Any], ood: dict[str, Any]) -> None:
+    """What was fitted, on stderr, under the checkpoint's own keys."""
+    print(json.dumps({"out": str(out), CheckpointKey.CALIBRATION.value: calibration,
+                      CheckpointKey.OUT_OF_DISTRIBUTION.value: ood}, indent=2),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def reliability(probabilities: npt.ArrayLike, labels: npt.ArrayLike, bins: int =
     edges = np.linspace(0.0, 1.0, bins + 1)
     # bin b holds [edges[b], edges[b+1]); a confidence of exactly 1 goes to the last bin
     index = np.clip(np.floor(confidence * bins).astype(np.int64), 0, bins - 1)
-    counts, conf, acc = [], [], []
+    counts: list[int] = []
+    conf: list[float | None] = []
+    acc: list[float | None] = []
     gap = 0.0
     for b in range(bins):
         member = index == b

@@ -43,8 +43,12 @@ from model_export.model import (
     load_pretrained_backbone,
     volume_embedding,
 )
-from service.core.contract import CHECKPOINT_FORMAT
-from service.core.preprocess import PreprocessingConfig
+from service.core.contract import (
+    CHECKPOINT_FORMAT,
+    CheckpointKey,
+    Explanation,
+    PreprocessingConfig,
+)
 from service.phantoms import CLASS_NAMES
 
 
@@ -135,7 +139,7 @@ def localisation(model: AttentionClassifier, samples: list[Sample], indices: lis
     """Share of lesion slices whose map peak (predicted class) lies in the lesion mask
     dilated by CAM_RADIUS_PX, on the model grid: HiResCAM, Grad-CAM and the attention."""
     explained = ExplainedClassifier(model).eval()
-    hits = dict.fromkeys(("hirescam", "gradcam", "attention"), 0)
+    hits = dict.fromkeys((e.value for e in Explanation), 0)
     total = 0
     with torch.no_grad():
         for i in indices:
@@ -144,8 +148,10 @@ def localisation(model: AttentionClassifier, samples: list[Sample], indices: lis
                 continue
             volume = stack(samples, [i]).to(device)
             out = explained(volume, torch.tensor([-1], device=device))
-            maps = {"hirescam": out.hirescam, "gradcam": out.gradcam,
-                    "attention": out.spatial_attention * out.slice_weights[..., None, None]}
+            maps = {Explanation.HIRESCAM.value: out.hirescam,
+                    Explanation.GRADCAM.value: out.gradcam,
+                    Explanation.ATTENTION.value:
+                        out.spatial_attention * out.slice_weights[..., None, None]}
             n = 0
             for name, cam in maps.items():
                 cam = F.interpolate(cam, size=volume.shape[-2:], mode="bilinear",
@@ -416,16 +422,16 @@ def run(samples: list[Sample], model_config: ModelConfig, cfg: TrainConfig, fold
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     assert best_extras is not None
     checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": model_config.to_dict(),
-        "state_dict": best_state,
-        "temperature": best_extras[0],
-        "distance_state": best_extras[1],
-        "calibration": best_extras[2],
-        "out_of_distribution": best_extras[3],
-        "class_names": list(CLASS_NAMES),
-        "preprocessing": preprocessing.to_json(),
-        "training_summary": {
+        CheckpointKey.FORMAT.value: CHECKPOINT_FORMAT,
+        CheckpointKey.MODEL_CONFIG.value: model_config.to_dict(),
+        CheckpointKey.STATE_DICT.value: best_state,
+        CheckpointKey.TEMPERATURE.value: best_extras[0],
+        CheckpointKey.DISTANCE_STATE.value: best_extras[1],
+        CheckpointKey.CALIBRATION.value: best_extras[2],
+        CheckpointKey.OUT_OF_DISTRIBUTION.value: best_extras[3],
+        CheckpointKey.CLASS_NAMES.value: list(CLASS_NAMES),
+        CheckpointKey.PREPROCESSING.value: preprocessing.to_json(),
+        CheckpointKey.TRAINING_SUMMARY.value: {
             "selected_fold": best_fold,
             "test": fold_reports[best_fold]["test"],
             "test_mean_sd": summary["test_mean_sd"],

@@ -232,9 +232,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from service.core.flair import RulesError, load_rules
-    from service.core.ingest import iter_folder
-    from service.pipeline.analysis import AnalysisRejected, analyse, write_outputs
+    from service.core.reading import iter_folder
+    from service.pipeline.analysis import AnalysisRejected, analyse
     from service.pipeline.engine import Engine
+    from service.storage.results import write_outputs
 
     folder: Path = args.series_dir
     if not folder.is_dir():

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests by kind, one folder each, marked by their folder: `pytest -m "not training"` (no torch
+# run), `-m unit` (no server, no external tool), ...
+KINDS = ("unit", "integration", "training", "deploy")
 SHARED = REPO.parent / "shared"
 DICOM_SAMPLES = SHARED / "dicom-samples"
 STRICT = os.environ.get("FLAIRCAD_STRICT_TESTS") == "1"
@@ -86,3 +89,11 @@ def no_server_process_left_behind() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
     assert not left, f"server process groups left running after the tests: {left}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        kind = Path(str(item.path)).resolve().relative_to(tests).parts[0]
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))

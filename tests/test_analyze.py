@@ -17,8 +17,8 @@ from model_export import seeds
 from model_export.metrics import cam_peak_hits
 from service.cli import main
 from service.core.config import BUNDLED_MODEL
-from service.core.ingest import iter_folder
 from service.core.preprocess import preprocess
+from service.core.reading import iter_folder
 from service.core.volume import load_series_volume
 from service.phantoms import generate_phantom
 from service.pipeline.analysis import AnalysisRejected, analyse

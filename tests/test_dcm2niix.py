@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from service.core.ingest import Code
+from service.core.codes import Code
 from service.core.volume import load_folder, load_sources
 from tests._dicom import assert_matches_reference, reference
 from tests.conftest import PhantomFactory

@@ -26,8 +26,8 @@ from pydicom.sr.codedict import codes
 from service import cli
 from service.core.config import Settings
 from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
-from service.core.ingest import iter_folder
 from service.core.preprocess import PreprocessingConfig, preprocess
+from service.core.reading import iter_folder
 from service.core.volume import load_series_volume
 from service.pipeline.analysis import Analysis, analyse
 from service.pipeline.overlay import (

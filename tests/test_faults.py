@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-import service.pipeline.analysis
+import service.storage.results
 from service.core.config import Settings
 from service.core.destinations import Destination
-from service.runtime.forward import DeliveryState, DeliveryStore, Forwarder
+from service.runtime.forward import Forwarder
 from service.runtime.scheduler import MAX_STARTS, Scheduler
+from service.storage.deliveries import DeliveryState, DeliveryStore
 from service.storage.spool import Spool
 from service.storage.store import AnalysisStore, Record, Status
 from tests._pacs import Flaircad, flaircad_settings, free_port, wait_until
@@ -100,7 +101,7 @@ def test_a_result_that_cannot_be_written_fails_with_a_reason_and_leaves_no_stagi
             raise OSError(error, os.strerror(error))
         return publish(staging, analysis_id)
 
-    monkeypatch.setattr(service.pipeline.analysis, "write_outputs", write_outputs)
+    monkeypatch.setattr(service.storage.results, "write_outputs", write_outputs)
     monkeypatch.setattr(spool, "publish_result", publish_result)
 
     async def run() -> None:
@@ -359,14 +360,14 @@ def test_a_synchronous_upload_whose_result_finds_the_disk_full_is_503(
 
     files = sorted(phantom_series(label="MS", seed=105).glob("*.dcm"))
     full = [True]
-    real = service.pipeline.analysis.write_outputs
+    real = service.storage.results.write_outputs
 
     def write_outputs(analysis: Any, out: Path) -> None:
         if full[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "sr.dcm"))
         real(analysis, out)
 
-    monkeypatch.setattr(service.pipeline.analysis, "write_outputs", write_outputs)
+    monkeypatch.setattr(service.storage.results, "write_outputs", write_outputs)
     with running(settings_for(tmp_path / "spool")) as live:
         body, headers = related([p.read_bytes() for p in files])
         refused = live.post("/v1/analyses", content=body, headers=headers)

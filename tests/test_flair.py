@@ -10,6 +10,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from service.core.codes import Code
 from service.core.config import Settings
 from service.core.flair import (
     DEFAULT_RULES_PATH,
@@ -21,7 +22,6 @@ from service.core.flair import (
     parse_rules,
     selection_attributes,
 )
-from service.core.ingest import Code
 from tests.conftest import PhantomFactory
 
 

@@ -22,7 +22,8 @@ import pytest
 from service.core.destinations import Destination
 from service.intake.multipart import MediaType, boundary_of, parse_multipart
 from service.runtime import audit
-from service.runtime.forward import DeliveryState, DeliveryStore, Forwarder
+from service.runtime.forward import Forwarder
+from service.storage.deliveries import DeliveryState, DeliveryStore
 from tests._pacs import Flaircad, auth_headers, flaircad_settings, free_port, wait_until
 from tests._server import parse_samples, value
 from tests.conftest import PhantomFactory

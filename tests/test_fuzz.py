@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service.core.ingest import Instance, Skipped, read_instance
 from service.core.limits import Limits
+from service.core.reading import Instance, Skipped, read_instance
 from service.intake.multipart import (
     MAX_PART_HEADER_BYTES,
     MultipartError,

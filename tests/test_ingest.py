@@ -16,18 +16,12 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from service.core.ingest import (
-    CODE_DESCRIPTIONS,
-    Code,
-    Instance,
-    Skipped,
-    ingest,
-    ingest_folder,
-    read_instance,
-)
+from service.core.codes import Code
+from service.core.reading import Instance, Skipped, read_instance
+from service.core.series import ingest, ingest_folder
 from service.core.volume import SeriesOutcome, load_folder, load_sources
 from tests._dicom import encode, encode_all, read_all
-from tests.conftest import REPO, PhantomFactory
+from tests.conftest import PhantomFactory
 
 SLICES = 6
 
@@ -363,7 +357,7 @@ def test_mosaic_detection_from_a_csa_header(
     series: list[Dataset], value: bytes, n_items: int, mosaic: bool
 ) -> None:
     """Siemens writes NumberOfImagesInMosaic into non-mosaic CSA headers too, without items."""
-    from service.core.ingest import is_mosaic
+    from service.core.series import is_mosaic
 
     for ds in series:
         ds.Manufacturer = "SIEMENS"
@@ -401,13 +395,6 @@ def test_ingest_accepts_paths_bytes_and_files(series: list[Dataset], tmp_path: P
     assert result.skipped == []
     (group,) = result.series
     assert [i.source for i in group.instances] == [str(path), "<bytes>", "part-3"]
-
-
-def test_every_code_is_described_here_and_in_the_readme() -> None:
-    assert set(CODE_DESCRIPTIONS) == set(Code)
-    readme = (REPO / "README.md").read_text()
-    missing = [str(code) for code in Code if f"| `{code}` |" not in readme]
-    assert missing == [], "README's code table lacks these codes"
 
 
 def test_large_private_blobs_are_dropped_but_not_the_csa_image_header(

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from service.core.ingest import MAX_INFLATED_BYTES, Code, Instance, Skipped, read_instance
+from service.core.codes import Code
+from service.core.reading import MAX_INFLATED_BYTES, Instance, Skipped, read_instance
 from tests import _hostile
 from tests.conftest import PhantomFactory
 

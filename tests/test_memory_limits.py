@@ -17,7 +17,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.core.config import Settings
-from service.core.ingest import iter_folder
 from service.core.limits import (
     ANALYSIS_BYTES_PER_VOXEL,
     DEFAULT_ANALYSIS_MEMORY_BYTES,
@@ -27,6 +26,7 @@ from service.core.limits import (
     instance_refusal,
     series_refusal,
 )
+from service.core.reading import iter_folder
 from service.pipeline.analysis import AnalysisRejected, analyse
 from tests.conftest import PhantomFactory
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -20,8 +21,6 @@ from service.phantoms import (
     PhantomVolume,
     SeriesTruth,
     Shift,
-    _noise_rng,
-    _render,
     generate_phantom,
     lesion_slices,
     make_anatomy,
@@ -30,6 +29,8 @@ from service.phantoms import (
     write_dicom_series,
     write_lesion_seg,
 )
+from service.phantoms.geometry import _noise_rng
+from service.phantoms.rendering import _render
 from tests.conftest import require
 
 # A coarse grid keeps the population tests fast: 1.875 mm in-plane, 3 mm slices.
@@ -641,16 +642,16 @@ def test_brain_mask_is_the_intracranial_brain() -> None:
 def test_masks_come_from_the_one_rendering_pass(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     """The brain mask and the series truth do not render the phantom a second time."""
-    import service.phantoms as phantoms
+    import service.phantoms.rendering as rendering
 
     calls = []
-    paint = phantoms._paint_anatomy
+    paint = rendering._paint_anatomy
 
     def counting(*args: object) -> object:
         calls.append(1)
         return paint(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(phantoms, "_paint_anatomy", counting)
+    monkeypatch.setattr(rendering, "_paint_anatomy", counting)
     anatomy = make_anatomy("MS", 3)
     p = generate_phantom("MS", 3, slices=6)
     once = len(calls)
@@ -867,3 +868,162 @@ def test_cli_phantom_writes_the_lesion_seg_beside_the_series(
     assert main(["phantom", "--label", "MS", "--variant", "sagittal", "--matrix", "64",
                  "--out", str(tmp_path / "y")]) == 2
     assert "axial" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The package, split by job, and its pinned output
+# --------------------------------------------------------------------------------------------
+
+# SHA-256 of the generator's output, recorded before service/phantoms was split into modules
+# (issue 14) and unchanged by it: the split moved code, it must not move a bit. Written files
+# are reproducible (UIDs derive from label and seed, dates are fixed), so their bytes are
+# pinned too. Float rendering can differ in the last bit with another numpy, pydicom or
+# highdicom, so the pin holds for the versions it was recorded with; after an upgrade that
+# legitimately changes the output, print the new values with `python -m tests.test_phantoms`.
+PINNED_WITH = {"numpy": "2.4.6", "pydicom": "3.0.2", "highdicom": "0.28.2", "avx512f": True}
+PINNED = {
+    "axial_ms3": {
+        "volume": "45051864e6e38e60e92ac7b75f11afeef355bd8df8743f9e1f966d335f6cdc09",
+        "lesion_mask": "bdddaa832c0c2f56a7ecfe49b489e51ce2477b1bc5af564f31158bc1a064b0c0",
+        "lesion_sites": "632cb25a4c2077f895c58f50f8d57951ad85449b33f325308448903a084b96ec",
+        "brain_mask": "e3fadbc86d05e4582a9a5e9f6f08b3e9d9d2619d6568b0486ecb02ae47dddbde",
+        "affine": "9a31c25bd52cb5996c66b4cadf7476fbecfcf218a30c33f369823258d94390e9",
+    },
+    "axial_csvd8_mass": {
+        "volume": "821cc4667e2f65214019abd23f1e8c819bd4d01d6802a2e43d1515b7c5f92b35",
+        "lesion_mask": "d80c140d98ad40684369145c9974e7963fed12b50c3d29d78e5806bc6c6906f0",
+        "lesion_sites": "22dcd1836b2c2d8b474c68dd91dfa97220a3ca77a0b5db23e4bc8043e6c5e2c8",
+        "brain_mask": "35a85ac5d430c17cd83bcb36d65b8679c263ebc690756aed6b7e4a122923cad7",
+    },
+    "dicom_axial_ms3": {
+        "bytes": "54cfa521afa5bf8463679b9a1cce38bd716f598138d0324343e6dda9c3b05c66",
+        "pixels": "78b0dbd982a816ab80ed6c4fc7bab7efb4ef4a8d7c360fe14730a646a38065b3",
+        "lesion_mask": "bdddaa832c0c2f56a7ecfe49b489e51ce2477b1bc5af564f31158bc1a064b0c0",
+        "brain_mask": "e3fadbc86d05e4582a9a5e9f6f08b3e9d9d2619d6568b0486ecb02ae47dddbde",
+        "seg_bytes": "52a495ac3ecbb0d8a01a9661277a2927d41c133ca76b28ef815d7488ded70a8a",
+    },
+    "dicom_axial_csvd1_rle": {
+        "bytes": "59f146d7ea913514e5ba827a8ec74a427a8695c8b48f6fd33ef18b46cc1d5bee",
+        "pixels": "5f7a57199959934449a09f31a5d1b06b0174757334a984dcaa72a49418bedc96",
+    },
+    "dicom_sagittal_csvd2": {
+        "bytes": "de314bf5b5e2c197398b8fc1dc2c91e32620ae18244c68ab6afeb6531e65924b",
+        "pixels": "a65b8bf25c3185c2ea396b103359324a22c9c9a790d3d93e7224a0f31faf8ee1",
+        "lesion_mask": "74169ab2edf77b4009ff5069a4f9b5b8eceb8b417e72c451aee25d80b7eae42f",
+        "brain_mask": "5f4fa97a05aa657c785f9d932da2fb50740cd691e23456e5b4a9e21beb989f6b",
+    },
+    "dicom_oblique_ms4": {
+        "bytes": "91fd1b40c0c37a918347e905882d09168fb56af5e41a05e7d2667fb0cbf65a33",
+        "pixels": "4d52f94dcd8b11a8e24e8df623302681510d4dd834eeb57cf1ef32eba88b339c",
+        "lesion_mask": "5235be065eb26e29d2f42b97d9d0dead9106f09e8a5d88ac8fd44468bb1c2272",
+        "brain_mask": "c35097b24181d0153bb0097cb836b3bfa6caca731267e00036acc132ce400545",
+        "series_truth_lesion": "5235be065eb26e29d2f42b97d9d0dead9106f09e8a5d88ac8fd44468bb1c2272",
+    },
+    "render_points": {
+        "image": "0bd04bdd742c4fae83e6e82d895754842360dd581827f377bbe284a771c0d9d5",
+        "mask": "86c050a608dbc531576124b93e6a2a64bfa3efb40f91e68f8271d9ab0cd53e92",
+    },
+}
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """Of dtype, shape and values: a mask and its float copy, or a reshape, do not collide."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(str((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
+
+
+def files_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def output_hashes(root: Path) -> dict[str, dict[str, str]]:
+    """The hashes PINNED holds, computed now (axial, sagittal and oblique series, shifts, a
+    compressed series, the lesion SEG and render() at scattered points)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, label, seed, kwargs in (
+            ("axial_ms3", "MS", 3, {"slices": 6}),
+            ("axial_csvd8_mass", "cSVD", 8,
+             {"slices": 5, "slice_thickness_mm": 3.0, "shift": Shift(lesions="mass")})):
+        p = generate_phantom(label, seed, **kwargs)
+        out[name] = {key: array_sha256(getattr(p, key)) for key in PINNED[name]}
+    for name, label, seed, kwargs in (
+            ("dicom_axial_ms3", "MS", 3, {"slices": 6}),
+            ("dicom_axial_csvd1_rle", "cSVD", 1, {"slices": 4, "compress": "rle"}),
+            ("dicom_sagittal_csvd2", "cSVD", 2, {"variant": "sagittal", "slices": 8}),
+            ("dicom_oblique_ms4", "MS", 4,
+             {"variant": "oblique", "slices": 4, "shift": Shift(fat_scale=1.25)})):
+        paths, truth = write_dicom_series(label, seed, root / name, truth=True, **kwargs)
+        got = {"bytes": files_sha256(paths),
+               "pixels": array_sha256(np.stack([ds.pixel_array for ds in read(paths)])),
+               "lesion_mask": array_sha256(truth.lesion_mask),
+               "brain_mask": array_sha256(truth.brain_mask)}
+        if name == "dicom_axial_ms3":
+            got["seg_bytes"] = files_sha256([write_lesion_seg(paths, truth, root / "seg.dcm")])
+        if name == "dicom_oblique_ms4":
+            got["series_truth_lesion"] = array_sha256(series_truth(
+                label, seed, variant="oblique", slices=4, shift=Shift(fat_scale=1.25)).lesion_mask)
+        out[name] = {key: got[key] for key in PINNED[name]}
+    points = np.random.default_rng(0).uniform(-100.0, 100.0, size=(5000, 3))
+    image, mask = render(make_anatomy("cSVD", 6), points, np.random.default_rng(1))
+    out["render_points"] = {"image": array_sha256(image), "mask": array_sha256(mask)}
+    return out
+
+
+def test_output_is_pinned(tmp_path: Path) -> None:
+    import highdicom
+
+    # numpy's transcendental functions take other SIMD paths (other last bits) without AVX-512
+    cpuinfo = Path("/proc/cpuinfo")
+    avx512 = cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+    versions = {"numpy": np.__version__, "pydicom": pydicom.__version__,
+                "highdicom": highdicom.__version__, "avx512f": avx512}
+    if versions != PINNED_WITH:
+        pytest.skip(f"hashes pinned with {PINNED_WITH}, running {versions}")
+    assert output_hashes(tmp_path) == PINNED
+
+
+def test_the_package_is_split_by_job() -> None:
+    """Each public name lives in the module of its job, and the package re-exports them all;
+    of ours, the generator imports only itself and service.core (import-linter checks the
+    same for the whole graph)."""
+    import ast
+
+    import service.phantoms as phantoms
+
+    homes = {"anatomy": ["Anatomy", "Band", "Contrast", "Lesion", "Ventricles", "CLASS_NAMES"],
+             "lesions": ["make_anatomy"], "shift": ["Shift"],
+             "rendering": ["render", "render_with_sites"],
+             "geometry": ["PhantomVolume", "SeriesTruth", "generate_phantom", "lesion_slices",
+                          "series_truth"],
+             "writer": ["write_dicom_series", "write_lesion_seg"]}
+    for module, names in homes.items():
+        for name in names:
+            value = getattr(phantoms, name)
+            if callable(value):
+                assert value.__module__ == f"service.phantoms.{module}", name
+    assert set(phantoms.__all__) <= set(dir(phantoms))
+    package = Path(phantoms.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} == {"__init__", *homes}
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in ("model_export", "torch"), (path.name, name)
+                if top == "service":
+                    assert name.startswith(("service.phantoms", "service.core")), (path.name, name)
+
+
+if __name__ == "__main__":  # print the current hashes, to re-pin after a deliberate change
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(output_hashes(Path(tmp)), indent=4))

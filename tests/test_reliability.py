@@ -21,7 +21,7 @@ from service.core.config import Settings
 from service.intake.multipart import MediaType, parse_multipart
 from service.runtime import retention
 from service.runtime.audit import AuditLog
-from service.runtime.forward import DeliveryStore
+from service.storage.deliveries import DeliveryStore
 from service.storage.spool import SeriesKey, Spool, StoreOutcome
 from service.storage.store import AnalysisStore, Status
 from tests._live import KEY, Live, related, running, settings_for

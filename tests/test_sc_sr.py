@@ -32,11 +32,12 @@ from pydicom.valuerep import validate_value
 
 from service.core.config import BUNDLED_MODEL
 from service.core.contract import EXPLANATIONS, Calibration, DistributionCheck
-from service.core.ingest import iter_folder
 from service.core.preprocess import PreprocessingConfig, reorient_to_canonical
+from service.core.reading import iter_folder
 from service.core.volume import load_series_volume
-from service.pipeline.analysis import Analysis, analyse, write_outputs
+from service.pipeline.analysis import Analysis, analyse
 from service.pipeline.engine import Engine, EngineOutput, ModelInfo
+from service.storage.results import write_outputs
 from tests.conftest import PhantomFactory, require
 
 CAM_GRID = (24, 16, 16)

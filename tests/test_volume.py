@@ -15,8 +15,9 @@ from pydicom.filewriter import dcmwrite
 from pydicom.pixels import pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from service.core.ingest import Code, Instance, read_instance
+from service.core.codes import Code
 from service.core.preprocess import PreprocessingConfig, preprocess, reorient_to_canonical
+from service.core.reading import Instance, read_instance
 from service.core.volume import (
     SeriesVolume,
     load_folder,

@@ -1,26 +1,34 @@
-"""``/v1/analyses``: one series in, MS/cSVD probabilities and explanation-map DICOM out."""
+"""``/v1/analyses``: one series in, MS/cSVD probabilities and explanation-map DICOM out.
+
+The routes translate HTTP into calls: the upload's identity, its claim (the same instances
+again are the same analysis) and its durable files are :mod:`service.intake.uploads`; the
+response bodies are :class:`service.intake.multipart.MultipartWriter`'s. The URLs of a
+result's outputs (``instances_url``, ``preview_url``) are made here, in :func:`view`: the store
+keeps ids.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.api.body import SpooledPart, media_type_of, receive_parts
-from service.api.deps import Runtime, ensure_capacity, runtime, saturated_problem
+from service.api.deps import Runtime, RuntimeDep, ensure_capacity, saturated_problem
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.schemas import Analysis, AnalysisList, Delivery
-from service.api.security import READ_SCOPE, STORE_SCOPE, client_of, principal_of
-from service.runtime import audit, logs, metrics
+from service.api.security import READ_SCOPE, STORE_SCOPE
+from service.api.trail import audit
+from service.intake.multipart import MediaType, MultipartWriter
+from service.intake.uploads import fingerprint
+from service.runtime import metrics
 from service.runtime.scheduler import Saturated
-from service.storage.spool import digest, fsync_file
+from service.storage.results import ResultFolder
 from service.storage.store import FINISHED, Record, Status
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
@@ -57,9 +65,17 @@ _UPLOAD_DOC: dict[str, Any] = {
 }
 
 
+def result_urls(analysis_id: str) -> dict[str, str]:
+    """Where clients fetch a finished analysis's outputs (paths of this router)."""
+    return {"instances_url": f"/v1/analyses/{analysis_id}/instances",
+            "preview_url": f"/v1/analyses/{analysis_id}/preview.png"}
+
+
 def view(record: Record) -> Analysis:
-    """What clients see of a stored analysis."""
+    """What clients see of a stored analysis: its result, with the URLs of its outputs."""
     body: dict[str, Any] = dict(record.result or {})
+    if isinstance(body.get("outputs"), dict):
+        body["outputs"] = {**body["outputs"], **result_urls(record.id)}
     body.update({"analysis_id": record.id, "status": str(record.status),
                  "study_instance_uid": body.get("study_instance_uid")
                  or record.study_instance_uid,
@@ -107,7 +123,7 @@ def _finished_response(record: Record, retry_after_s: int) -> Response:
              summary="Analyse one series (synchronous, or async with Prefer: respond-async)")
 async def create_analysis(
     request: Request,
-    rt: Annotated[Runtime, Depends(runtime)],
+    rt: RuntimeDep,
     prefer: Annotated[str | None, Header()] = None,
     cache_control: Annotated[str | None, Header(
         description="no-cache: analyse again even if these instances were analysed "
@@ -117,46 +133,27 @@ async def create_analysis(
     ensure_capacity(rt)
     body = await receive_parts(request, rt, media)
     try:
-        dicom_parts = [part for part in body.parts
-                       if part.filename is not None or part.content_type.essence in
-                       _DICOM_PART_TYPES[1:] or (media.essence == "multipart/related"
-                                                 and part.content_type.essence == "")]
-        if not dicom_parts:
-            raise Problem(400, "no_instances", "the body holds no DICOM parts")
-        unsupported = {p.content_type.essence for p in dicom_parts} - set(_DICOM_PART_TYPES)
-        if media.essence == "multipart/related" and unsupported:
-            raise Problem(415, "unsupported_media_type",
-                          f"parts of type {sorted(unsupported)} are not application/dicom")
-
+        uploads = rt.uploads
+        dicom_parts = _dicom_parts(body.parts, media)
         metrics.INSTANCES_RECEIVED.labels(source="upload").inc(len(dicom_parts))
-        # The same instances again (a viewer asking twice) get the same analysis and result
-        # UIDs, not a second run: identified by the content of its parts, in any order, and
-        # the model that analyses them and the map it shows (FLAIRCAD_EXPLANATION).
-        # "Cache-Control: no-cache" asks for a new run.
+        # the same instances again are the same analysis (service.intake.uploads);
+        # "Cache-Control: no-cache" asks for a new run
         model = rt.engine.info
-        shown = rt.settings.explanation
-        fingerprint = "upload:" + digest("\n".join(
-            [f"{model.name} {model.version} explanation={shown}",
-             *sorted({p.sha256 for p in dicom_parts})]).encode())
-        if _no_cache(cache_control):
-            record, created = rt.store.create("upload", fingerprint=fingerprint,
-                                              owner=rt.scheduler.owner), True
-        else:
-            record, created = rt.store.claim_upload(fingerprint, rt.scheduler.owner)
-        _audit_upload(request, rt, record, len(dicom_parts), reused=not created)
+        record, created = uploads.claim(
+            fingerprint(model.name, model.version, rt.settings.explanation,
+                        (p.sha256 for p in dicom_parts)),
+            again=_no_cache(cache_control))
+        audit(request, rt, "upload", analysis_id=record.id, instances=len(dicom_parts),
+              reused=not created)
         if not created:
             return await _existing_response(rt, record, prefer)
-        folder = rt.spool.upload_folder(record.id)
-        await run_in_threadpool(_move_into, dicom_parts, folder)
+        files = await run_in_threadpool(uploads.keep, record, dicom_parts)
     finally:
         body.remove()
-    files = sorted(Path(folder).glob("*.dcm"))
     try:
         done = rt.scheduler.submit_upload(files, record)
     except Saturated as error:  # filled up while this body was read
-        rt.spool.remove_upload(record.id)
-        rt.store.update(record.id, Status.FAILED, problem={
-            "code": "saturated", "detail": "refused: the queue was full"})
+        uploads.refuse(record)
         raise saturated_problem(error) from None
 
     if prefer and "respond-async" in prefer.lower():
@@ -167,20 +164,24 @@ async def create_analysis(
     return _finished_response(finished, rt.settings.retry_after_s)
 
 
+def _dicom_parts(parts: list[SpooledPart], media: MediaType) -> list[SpooledPart]:
+    """The parts that are instances: named files, DICOM-typed parts, and untyped parts of a
+    multipart/related body; 400 when there is none, 415 for a related part of another type."""
+    dicom_parts = [part for part in parts
+                   if part.filename is not None or part.content_type.essence in
+                   _DICOM_PART_TYPES[1:] or (media.essence == "multipart/related"
+                                             and part.content_type.essence == "")]
+    if not dicom_parts:
+        raise Problem(400, "no_instances", "the body holds no DICOM parts")
+    unsupported = {p.content_type.essence for p in dicom_parts} - set(_DICOM_PART_TYPES)
+    if media.essence == "multipart/related" and unsupported:
+        raise Problem(415, "unsupported_media_type",
+                      f"parts of type {sorted(unsupported)} are not application/dicom")
+    return dicom_parts
+
+
 def _no_cache(cache_control: str | None) -> bool:
     return cache_control is not None and "no-cache" in cache_control.lower()
-
-
-def _move_into(parts: list[SpooledPart], folder: Path) -> None:
-    """The streamed parts become the upload's files: fsync'd, renamed, folder fsync'd."""
-    for index, part in enumerate(parts):
-        fsync_file(part.path)
-        os.replace(part.path, folder / f"{index:05d}.dcm")
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 async def _existing_response(rt: Runtime, record: Record, prefer: str | None) -> Response:
@@ -199,22 +200,12 @@ async def _existing_response(rt: Runtime, record: Record, prefer: str | None) ->
     return response
 
 
-def _audit_upload(request: Request, rt: Runtime, record: Record, n_instances: int,
-                  reused: bool) -> None:
-    audit.trail(rt.settings).write(
-        "upload", who=principal_of(request).id, client=client_of(request.scope),
-        request_id=logs.REQUEST_ID.get(), analysis_id=record.id, instances=n_instances,
-        reused=reused)
-
-
 def _audit_read(request: Request, rt: Runtime, what: str, record: Record | None = None,
                 study_instance_uid: str | None = None) -> None:
-    audit.trail(rt.settings).write(
-        "read", who=principal_of(request).id, client=client_of(request.scope),
-        request_id=logs.REQUEST_ID.get(), what=what,
-        analysis_id=record.id if record else None,
-        study_instance_uid=study_instance_uid or (record.study_instance_uid if record else None),
-        series_instance_uid=record.series_instance_uid if record else None)
+    audit(request, rt, "read", what=what, analysis_id=record.id if record else None,
+          study_instance_uid=study_instance_uid
+          or (record.study_instance_uid if record else None),
+          series_instance_uid=record.series_instance_uid if record else None)
 
 
 @router.get("/", include_in_schema=False, response_model=AnalysisList,
@@ -223,7 +214,7 @@ def _audit_read(request: Request, rt: Runtime, what: str, record: Record | None 
             dependencies=[READ_SCOPE])
 def list_analyses(
     request: Request,
-    rt: Annotated[Runtime, Depends(runtime)],
+    rt: RuntimeDep,
     study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
 ) -> AnalysisList:
     _audit_read(request, rt, "list", study_instance_uid=study_instance_uid)
@@ -236,7 +227,7 @@ def list_analyses(
             dependencies=[READ_SCOPE],
             responses={404: {"description": "unknown analysis", "content": {PROBLEM_JSON: {}}}})
 def get_analysis(analysis_id: str, request: Request,
-                 rt: Annotated[Runtime, Depends(runtime)]) -> Analysis:
+                 rt: RuntimeDep) -> Analysis:
     record = _record_or_404(rt, analysis_id)
     _audit_read(request, rt, "analysis", record)
     analysis = view(record)
@@ -246,30 +237,29 @@ def get_analysis(analysis_id: str, request: Request,
     return analysis
 
 
-def _outputs(rt: Runtime, record: Record) -> Path:
+def _outputs(rt: Runtime, record: Record) -> ResultFolder:
     if record.status is not Status.DONE:
         raise Problem(404, "no_outputs", f"analysis {record.id} is {record.status}, "
                       "it has no outputs")
-    return rt.spool.result_folder(record.id)
+    return rt.spool.result(record.id)
 
 
 @router.get("/{analysis_id}/instances", response_class=Response, dependencies=[READ_SCOPE],
             summary="The Secondary Capture and SR instances",
             responses={200: {"content": {'multipart/related; type="application/dicom"': {}}}})
 def get_instances(analysis_id: str, request: Request,
-                  rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                  rt: RuntimeDep) -> Response:
     record = _record_or_404(rt, analysis_id)
     folder = _outputs(rt, record)
     _audit_read(request, rt, "instances", record)
-    boundary = uuid.uuid4().hex
-    chunks: list[bytes] = []
-    for path in sorted(folder.rglob("*.dcm")):
-        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
-                   f"Content-Length: {path.stat().st_size}\r\n\r\n".encode(),
-                   path.read_bytes(), b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return Response(b"".join(chunks), media_type=(
-        f'multipart/related; type="application/dicom"; boundary={boundary}'))
+    return instances_response(folder.dicom_files())
+
+
+def instances_response(files: list[Path]) -> Response:
+    """The result's instances as one ``multipart/related; type="application/dicom"`` body."""
+    writer = MultipartWriter("application/dicom")
+    return Response(writer.body(({"Content-Type": "application/dicom"}, path.read_bytes())
+                                for path in files), media_type=writer.content_type)
 
 
 @router.get("/{analysis_id}/preview.png", response_class=FileResponse,
@@ -277,9 +267,9 @@ def get_instances(analysis_id: str, request: Request,
             summary="Montage of the most attended slices with their overlays",
             responses={200: {"content": {"image/png": {}}}})
 def get_preview(analysis_id: str, request: Request,
-                rt: Annotated[Runtime, Depends(runtime)]) -> FileResponse:
+                rt: RuntimeDep) -> FileResponse:
     record = _record_or_404(rt, analysis_id)
-    path = _outputs(rt, record) / "preview.png"
+    path = _outputs(rt, record).preview
     _audit_read(request, rt, "preview", record)
     if not path.is_file():
         raise Problem(404, "no_outputs", "this analysis has no preview")

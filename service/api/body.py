@@ -23,7 +23,7 @@ import hashlib
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +32,7 @@ from fastapi import Request
 
 from service.api.deps import Runtime, saturated_problem
 from service.api.problems import Problem
+from service.core.codes import Code
 from service.intake.multipart import (
     MediaType,
     MultipartError,
@@ -63,13 +64,13 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 def media_type_of(request: Request, allowed: tuple[str, ...]) -> MediaType:
     media = MediaType.parse(request.headers.get("content-type"))
     if media.essence not in allowed:
-        raise Problem(415, "unsupported_media_type",
+        raise Problem(415, Code.UNSUPPORTED_MEDIA_TYPE,
                       f"Content-Type {media.essence or '(none)'} is not supported; send "
                       + " or ".join(allowed))
     if media.essence == "multipart/related":
         part_type = media.params.get("type", "application/dicom").lower()
         if part_type != "application/dicom":
-            raise Problem(415, "unsupported_media_type",
+            raise Problem(415, Code.UNSUPPORTED_MEDIA_TYPE,
                           f'multipart/related type="{part_type}" is not supported; send '
                           'type="application/dicom"')
     return media
@@ -77,7 +78,7 @@ def media_type_of(request: Request, allowed: tuple[str, ...]) -> MediaType:
 
 def _too_large(limit: int, declared: str | None = None) -> Problem:
     size = f" ({declared} bytes)" if declared else ""
-    return Problem(413, "payload_too_large",
+    return Problem(413, Code.PAYLOAD_TOO_LARGE,
                    f"the body{size} exceeds the limit of {limit} bytes (FLAIRCAD_MAX_UPLOAD_BYTES)")
 
 
@@ -165,7 +166,7 @@ async def spool_parts(request: Request, media: MediaType, folder: Path, *, limit
         boundary = boundary_of(media)
     except MultipartError as error:
         body.remove()
-        raise Problem(400, "malformed_multipart", str(error)) from None
+        raise Problem(400, Code.MALFORMED_MULTIPART, str(error)) from None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         body.remove()
@@ -213,15 +214,15 @@ async def spool_parts(request: Request, media: MediaType, folder: Path, *, limit
         await parser.feed(finish=True)
     except PartTooLarge as error:
         parser.after(body.remove)
-        raise Problem(413, "instance_too_large", f"{error} (FLAIRCAD_MAX_INSTANCE_BYTES)"
+        raise Problem(413, Code.INSTANCE_TOO_LARGE, f"{error} (FLAIRCAD_MAX_INSTANCE_BYTES)"
                       ) from None
     except TooManyParts as error:
         parser.after(body.remove)
-        raise Problem(413, "too_many_instances",
+        raise Problem(413, Code.TOO_MANY_INSTANCES,
                       f"{error} (FLAIRCAD_MAX_INSTANCES_PER_SERIES)") from None
     except MultipartError as error:
         parser.after(body.remove)
-        raise Problem(400, "malformed_multipart", str(error)) from None
+        raise Problem(400, Code.MALFORMED_MULTIPART, str(error)) from None
     except BaseException:  # the client went away (cancelled), the disk is full, ...
         stop_telling()
         parser.after(body.remove)
@@ -232,7 +233,7 @@ async def spool_parts(request: Request, media: MediaType, folder: Path, *, limit
     return body
 
 
-async def _chunks_of(request: Request, parser: _ParserThread) -> AsyncIterator[bytes]:
+async def _chunks_of(request: Request, parser: _ParserThread) -> AsyncGenerator[bytes]:
     """The body's chunks; when the body pauses with chunks kept for the parser's next batch,
     they are parsed after :data:`_FEED_AFTER_S` without waiting for more (a part's head must
     not sit unparsed in memory while its sender stalls)."""

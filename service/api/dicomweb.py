@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.api.body import SpooledPart, media_type_of, receive_parts
-from service.api.deps import Runtime, ensure_capacity, runtime
+from service.api.deps import Runtime, RuntimeDep, ensure_capacity
 from service.api.problems import PROBLEM_JSON, Problem
 from service.api.security import STORE_SCOPE, client_of, principal_of
+from service.api.trail import audit
+from service.core.codes import Code
 from service.core.limits import Limits
 from service.intake.multipart import MediaType
 from service.intake.stow import StowResult, store_parts
-from service.runtime import audit, logs
 from service.runtime.arrivals import Hold, series_of_part
 from service.storage.spool import safe_uid
 
@@ -57,7 +58,7 @@ async def _stow(request: Request, rt: Runtime, study: str | None) -> Response:
         try:
             study = safe_uid(study)
         except ValueError as error:
-            raise Problem(400, "invalid_uid", str(error)) from None
+            raise Problem(400, Code.INVALID_UID, str(error)) from None
     media = media_type_of(request, ("multipart/related",))
     ensure_capacity(rt)
     sender = sender_of(request)
@@ -90,7 +91,7 @@ async def _receive_and_store(request: Request, rt: Runtime, media: MediaType,
     body = await receive_parts(request, rt, media, on_part_head=part_head)
     try:
         if not body.parts:
-            raise Problem(400, "no_instances", "the multipart body holds no parts")
+            raise Problem(400, Code.NO_INSTANCES, "the multipart body holds no parts")
         # parsing and fsync-ing instances blocks: off the event loop
         result = await run_in_threadpool(
             store_parts, body.parts, rt.spool, study, "stow", Limits.of(rt.settings),
@@ -112,29 +113,27 @@ def sender_of(request: Request) -> str:
 
 
 def _audit(request: Request, rt: Runtime, study: str | None, result: StowResult) -> None:
-    audit.trail(rt.settings).write(
-        "stow", who=principal_of(request).id, client=client_of(request.scope),
-        request_id=logs.REQUEST_ID.get(), study_in_url=study,
-        series=[{"study_instance_uid": key.study_instance_uid,
-                 "series_instance_uid": key.series_instance_uid,
-                 "new_instances": result.new.get(key, 0)}
-                for key in sorted(result.series, key=lambda k: (k.study_instance_uid,
-                                                                 k.series_instance_uid))],
-        stored=len(result.stored),
-        refused=dict(Counter(why for *_, why in result.failed)) or None,
-        conflicts=[{"series_instance_uid": key.series_instance_uid,
-                    "sop_instance_uid": sop} for key, sop in result.conflicts] or None)
+    audit(request, rt, "stow", study_in_url=study,
+          series=[{"study_instance_uid": key.study_instance_uid,
+                   "series_instance_uid": key.series_instance_uid,
+                   "new_instances": result.new.get(key, 0)}
+                  for key in sorted(result.series, key=lambda k: (k.study_instance_uid,
+                                                                   k.series_instance_uid))],
+          stored=len(result.stored),
+          refused=dict(Counter(why for *_, why in result.failed)) or None,
+          conflicts=[{"series_instance_uid": key.series_instance_uid,
+                      "sop_instance_uid": sop} for key, sop in result.conflicts] or None)
 
 
 @router.post("/studies", openapi_extra=_STOW_DOC, response_class=Response,
              summary="Store instances (STOW-RS)")
 async def store_instances(request: Request,
-                          rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                          rt: RuntimeDep) -> Response:
     return await _stow(request, rt, None)
 
 
 @router.post("/studies/{study}", openapi_extra=_STOW_DOC, response_class=Response,
              summary="Store instances of one study (STOW-RS)")
 async def store_study_instances(study: str, request: Request,
-                                rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                                rt: RuntimeDep) -> Response:
     return await _stow(request, rt, study)

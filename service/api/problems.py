@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.middleware import route_template
+from service.core.codes import Code
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}.get(error.status_code,
+                                                                    Code.HTTP_ERROR)
         return problem_response(Problem(error.status_code, code, str(error.detail),
                                         headers=dict(error.headers or {})), request.url.path)
 
@@ -72,7 +74,7 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")}
                   for e in error.errors()]
-        return problem_response(Problem(400, "invalid_request", "the request is malformed",
+        return problem_response(Problem(400, Code.INVALID_REQUEST, "the request is malformed",
                                         errors=errors), request.url.path)
 
     @app.exception_handler(Exception)
@@ -81,5 +83,5 @@ def install(app: FastAPI) -> None:
         # the route template, not the path, which may hold a UID).
         log.exception("unhandled error", extra={"method": request.method,
                                                 "route": route_template(request.scope)})
-        return problem_response(Problem(500, "internal_error", "an internal error occurred; "
+        return problem_response(Problem(500, Code.INTERNAL_ERROR, "an internal error occurred; "
                                         "it has been logged"), request.url.path)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Any
 
 import fastapi.routing
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import Runtime, runtime
+from service.api.deps import RuntimeDep
 from service.api.middleware import route_template
 from service.api.problems import PROBLEM_JSON, Problem, problem_response
 from service.runtime import audit, logs
@@ -119,7 +119,7 @@ class RequireScope:
         self.scope = scope
 
     async def __call__(self, request: Request,
-                       rt: Annotated[Runtime, Depends(runtime)]) -> None:
+                       rt: RuntimeDep) -> None:
         principal = principal_of(request)
         if self.scope is None or self.scope in principal.scopes:
             return

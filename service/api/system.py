@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import Runtime, runtime
+from service.api.deps import Runtime, RuntimeDep
 from service.api.schemas import Explanation, Health, ModelDescription
 from service.api.security import ANY_SCOPE
 from service.core.contract import EXPLANATIONS
@@ -80,7 +80,7 @@ def readyz(request: Request) -> Response:
 # no patient data: any authenticated caller (a store-only PACS may check the version)
 @router.get("/v1/model", response_model=ModelDescription, summary="The loaded model",
             dependencies=[ANY_SCOPE])
-def model(rt: Annotated[Runtime, Depends(runtime)]) -> ModelDescription:
+def model(rt: RuntimeDep) -> ModelDescription:
     info = rt.engine.info
     return ModelDescription(
         name=info.name, version=info.version, classes=list(info.class_names),

@@ -17,28 +17,31 @@ in their stored transfer syntax (Explicit VR Little Endian); a request for anoth
   than once is sent once, where it is first named (``1,1,1`` is ``1``; ``3,1,3`` is ``3,1``);
   more than ``wado_max_frames`` distinct frames is 400 ``too_many_frames``. The parts are
   streamed straight from the file, one frame in memory at a time.
+
+The bodies are :class:`service.intake.multipart.MultipartWriter`'s (the frames its
+:meth:`~service.intake.multipart.MultipartWriter.stream`).
 """
 
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 
-from service.api.deps import Runtime, runtime
+from service.api.deps import Runtime, RuntimeDep, runtime
 from service.api.problems import PROBLEM_JSON, Problem
-from service.api.security import READ_SCOPE, client_of, principal_of
-from service.intake.multipart import MediaType
-from service.runtime import audit, logs
-from service.runtime.forward import result_files
+from service.api.security import READ_SCOPE
+from service.api.trail import audit
+from service.core.codes import Code
+from service.intake.multipart import LazyPart, MediaType, MultipartWriter
+from service.storage.results import ResultFolder
 from service.storage.spool import safe_uid
 from service.storage.store import Status
 
@@ -70,7 +73,7 @@ class _Instance:
 def _folder_instances(folder: str, analysis_id: str, mtime_ns: int) -> tuple[_Instance, ...]:
     """Headers of one result folder (cached: results do not change once written)."""
     found = []
-    for path in result_files(Path(folder)):
+    for path in ResultFolder(Path(folder)).dicom_files():
         header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         number = header.get("SeriesNumber")
         instance_number = header.get("InstanceNumber")
@@ -88,12 +91,10 @@ def _audit_read(request: Request, rt: Runtime, what: str, instances: list[_Insta
                 ) -> None:
     """Who read which result (the audit trail, as for ``/v1/analyses/{id}/instances``)."""
     first = instances[0]
-    audit.trail(rt.settings).write(
-        "read", who=principal_of(request).id, client=client_of(request.scope),
-        request_id=logs.REQUEST_ID.get(), what=what, analysis_id=first.analysis_id,
-        study_instance_uid=first.study, series_instance_uid=first.series,
-        sop_instance_uids=[i.sop_instance for i in instances] if len(instances) == 1
-        else None, instances=len(instances))
+    audit(request, rt, "read", what=what, analysis_id=first.analysis_id,
+          study_instance_uid=first.study, series_instance_uid=first.series,
+          sop_instance_uids=[i.sop_instance for i in instances] if len(instances) == 1
+          else None, instances=len(instances))
 
 
 def _study_instances(rt: Runtime, study: str) -> list[_Instance]:
@@ -101,12 +102,12 @@ def _study_instances(rt: Runtime, study: str) -> list[_Instance]:
     for record in rt.store.by_study(study):
         if record.status is not Status.DONE:
             continue
-        folder = rt.spool.result_folder(record.id)
+        folder = rt.spool.result(record.id)
         try:
-            mtime_ns = (folder / "sr.dcm").stat().st_mtime_ns
+            mtime_ns = folder.sr.stat().st_mtime_ns
         except OSError:  # results removed (retention) or never written
             continue
-        instances += [i for i in _folder_instances(str(folder), record.id, mtime_ns)
+        instances += [i for i in _folder_instances(str(folder.path), record.id, mtime_ns)
                       if i.study == study]
     return instances
 
@@ -115,14 +116,14 @@ def _uid(value: str, what: str) -> str:
     try:
         return safe_uid(value)
     except ValueError:
-        raise Problem(400, "invalid_uid", f"{what} is not a valid DICOM UID") from None
+        raise Problem(400, Code.INVALID_UID, f"{what} is not a valid DICOM UID") from None
 
 
 def _series(rt: Runtime, study: str, series: str) -> list[_Instance]:
     study, series = _uid(study, "the study"), _uid(series, "the series")
     found = [i for i in _study_instances(rt, study) if i.series == series]
     if not found:
-        raise Problem(404, "series_not_found", "no flaircad result series with this UID in "
+        raise Problem(404, Code.SERIES_NOT_FOUND, "no flaircad result series with this UID in "
                       "this study")
     return sorted(found, key=lambda i: (i.instance_number or 0, i.sop_instance))
 
@@ -132,7 +133,7 @@ def _instance(rt: Runtime, study: str, series: str, sop: str) -> _Instance:
     for instance in _series(rt, study, series):
         if instance.sop_instance == sop:
             return instance
-    raise Problem(404, "instance_not_found", "no such instance in this result series")
+    raise Problem(404, Code.INSTANCE_NOT_FOUND, "no such instance in this result series")
 
 
 def _accepted_ranges(request: Request) -> list[MediaType]:
@@ -159,42 +160,19 @@ def _negotiate(request: Request, part_type: str, transfer_syntaxes: Iterable[str
         if syntax == "*" or have <= {syntax} or (
                 part_type == "application/octet-stream" and syntax == "1.2.840.10008.1.2.1"):
             return
-    raise Problem(406, "not_acceptable", 'results are served as multipart/related; type='
+    raise Problem(406, Code.NOT_ACCEPTABLE, 'results are served as multipart/related; type='
                   f'"{part_type}" in their stored transfer syntax ({", ".join(sorted(have))})',
                   title="Not acceptable")
-
-
-def _part_head(boundary: str, headers: dict[str, str], length: int) -> bytes:
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    return f"--{boundary}\r\n{head}Content-Length: {length}\r\n\r\n".encode()
-
-
-def _multipart_type(boundary: str, part_type: str, transfer_syntax: str | None) -> str:
-    if transfer_syntax:
-        return f'multipart/related; type="{part_type}"; transfer-syntax={transfer_syntax}; ' \
-               f"boundary={boundary}"
-    return f'multipart/related; type="{part_type}"; boundary={boundary}'
-
-
-def _multipart(parts: list[tuple[bytes, dict[str, str]]], part_type: str,
-               transfer_syntax: str | None = None) -> Response:
-    boundary = uuid.uuid4().hex
-    chunks: list[bytes] = []
-    for body, headers in parts:
-        chunks += [_part_head(boundary, headers, len(body)), body, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return Response(b"".join(chunks),
-                    media_type=_multipart_type(boundary, part_type, transfer_syntax))
 
 
 def _dicom_parts(request: Request, instances: list[_Instance]) -> Response:
     syntaxes = {i.transfer_syntax for i in instances}
     _negotiate(request, "application/dicom", syntaxes)
-    parts = []
-    for instance in instances:
-        type_ = f"application/dicom; transfer-syntax={instance.transfer_syntax}"
-        parts.append((instance.path.read_bytes(), {"Content-Type": type_}))
-    return _multipart(parts, "application/dicom")
+    writer = MultipartWriter("application/dicom")
+    body = writer.body(
+        ({"Content-Type": f"application/dicom; transfer-syntax={i.transfer_syntax}"},
+         i.path.read_bytes()) for i in instances)
+    return Response(body, media_type=writer.content_type)
 
 
 def _base(request: Request) -> str:
@@ -227,18 +205,20 @@ def _dicom_json(content: Any) -> JSONResponse:
     return JSONResponse(content, media_type=DICOM_JSON)
 
 
-_MULTIPART_DICOM = {200: {"content": {'multipart/related; type="application/dicom"': {}}},
-                    404: {"description": "no such result", "content": {PROBLEM_JSON: {}}},
-                    406: {"description": "unsupported Accept", "content": {PROBLEM_JSON: {}}}}
-_JSON = {200: {"content": {DICOM_JSON: {"schema": {"type": "array",
-                                                   "items": {"type": "object"}}}}},
-         404: {"description": "no such result", "content": {PROBLEM_JSON: {}}}}
+_RESPONSES = dict[int | str, dict[str, Any]]  # FastAPI's type of a route's ``responses``
+_MULTIPART_DICOM: _RESPONSES = {
+    200: {"content": {'multipart/related; type="application/dicom"': {}}},
+    404: {"description": "no such result", "content": {PROBLEM_JSON: {}}},
+    406: {"description": "unsupported Accept", "content": {PROBLEM_JSON: {}}}}
+_JSON: _RESPONSES = {
+    200: {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}},
+    404: {"description": "no such result", "content": {PROBLEM_JSON: {}}}}
 
 
 @router.get("/studies/{study}/series", response_class=Response, responses=_JSON,
             summary="Search the result series of a study (QIDO-RS)")
 def search_series(study: str, request: Request,
-                  rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                  rt: RuntimeDep) -> Response:
     study = _uid(study, "the study")
     by_series: dict[str, list[_Instance]] = {}
     for instance in _study_instances(rt, study):
@@ -265,7 +245,7 @@ def search_series(study: str, request: Request,
 @router.get("/studies/{study}/series/{series}", response_class=Response,
             responses=_MULTIPART_DICOM, summary="Retrieve a result series (WADO-RS)")
 def retrieve_series(study: str, series: str, request: Request,
-                    rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                    rt: RuntimeDep) -> Response:
     instances = _series(rt, study, series)
     response = _dicom_parts(request, instances)
     _audit_read(request, rt, "wado_series", instances)
@@ -275,7 +255,7 @@ def retrieve_series(study: str, series: str, request: Request,
 @router.get("/studies/{study}/series/{series}/metadata", response_class=Response,
             responses=_JSON, summary="Metadata of a result series (WADO-RS)")
 def retrieve_series_metadata(study: str, series: str, request: Request,
-                             rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                             rt: RuntimeDep) -> Response:
     instances = _series(rt, study, series)
     response = _dicom_json([_metadata(request, i) for i in instances])
     _audit_read(request, rt, "wado_series_metadata", instances)
@@ -285,7 +265,7 @@ def retrieve_series_metadata(study: str, series: str, request: Request,
 @router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=Response,
             responses=_MULTIPART_DICOM, summary="Retrieve a result instance (WADO-RS)")
 def retrieve_instance(study: str, series: str, sop: str, request: Request,
-                      rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                      rt: RuntimeDep) -> Response:
     instance = _instance(rt, study, series, sop)
     response = _dicom_parts(request, [instance])
     _audit_read(request, rt, "wado_instance", [instance])
@@ -296,7 +276,7 @@ def retrieve_instance(study: str, series: str, sop: str, request: Request,
             response_class=Response, responses=_JSON,
             summary="Metadata of a result instance (WADO-RS)")
 def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
-                               rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                               rt: RuntimeDep) -> Response:
     instance = _instance(rt, study, series, sop)
     response = _dicom_json([_metadata(request, instance)])
     _audit_read(request, rt, "wado_instance_metadata", [instance])
@@ -312,17 +292,17 @@ def retrieve_instance_metadata(study: str, series: str, sop: str, request: Reque
                              "content": {PROBLEM_JSON: {}}}},
             summary="Pixel data of frames of a result instance (WADO-RS)")
 def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
-                    rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+                    rt: RuntimeDep) -> Response:
     instance = _instance(rt, study, series, sop)
     try:
         # a frame named twice is sent once, where it is first named (PS3.18 asks for a list;
         # a repeat adds nothing and turned an 8 KiB URL into a 745 MiB response)
         numbers = list(dict.fromkeys(int(n) for n in frames.split(",")))
     except ValueError:
-        raise Problem(400, "invalid_frames", "frames: comma-separated numbers from 1") from None
+        raise Problem(400, Code.INVALID_FRAMES, "frames: comma-separated numbers from 1") from None
     limit = rt.settings.wado_max_frames
     if len(numbers) > limit:
-        raise Problem(400, "too_many_frames", f"{len(numbers)} distinct frames exceed {limit} "
+        raise Problem(400, Code.TOO_MANY_FRAMES, f"{len(numbers)} distinct frames exceed {limit} "
                       "per request (FLAIRCAD_WADO_MAX_FRAMES)")
     _negotiate(request, "application/octet-stream", {instance.transfer_syntax})
     handle = instance.path.open("rb")  # held open: the stream outlives a retention sweep
@@ -330,12 +310,12 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
         # Pixel Data stays on disk (deferred): only its offset and length are read here
         dataset = dcmread(handle, defer_size=_DEFER_BYTES)
         if "PixelData" not in dataset or instance.transfer_syntax not in _NATIVE:
-            raise Problem(404, "no_frames", "this instance has no native pixel data")
+            raise Problem(404, Code.NO_FRAMES, "this instance has no native pixel data")
         count = int(dataset.get("NumberOfFrames", 1) or 1)
         size = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.SamplesPerPixel)
                 * int(dataset.BitsAllocated) // 8)
         if not numbers or any(n < 1 or n > count for n in numbers):
-            raise Problem(404, "frame_not_found", f"this instance has {count} frame(s)")
+            raise Problem(404, Code.FRAME_NOT_FOUND, f"this instance has {count} frame(s)")
         read = _pixel_reader(dataset, handle)
     except BaseException:
         handle.close()
@@ -347,7 +327,8 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
 
 # elements longer than this stay in the file when an instance is opened for its frames
 _DEFER_BYTES = 4096
-_FRAME_PART = {"Content-Type": "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"}
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_FRAME_PART = {"Content-Type": f"application/octet-stream; transfer-syntax={_EXPLICIT_LE}"}
 
 
 class _PixelReader:
@@ -379,26 +360,20 @@ def _pixel_reader(dataset: Any, handle: Any) -> _PixelReader:
 
 def _frames_response(read: _PixelReader, numbers: list[int], size: int) -> Response:
     """The frames as ``multipart/related``, streamed: each part is read from the file as it is
-    sent, so memory holds one frame whatever the request. The bytes (boundary, part headers,
-    ``Content-Length``) are those of :func:`_multipart` for the same parts."""
-    boundary = uuid.uuid4().hex
+    sent, so memory holds one frame whatever the request (the same bytes as the writer's
+    whole body of the same parts)."""
+    writer = MultipartWriter("application/octet-stream", transfer_syntax=_EXPLICIT_LE)
     # frame n is bytes [(n-1) x size, n x size) of the value, cut short where the value ends
     spans = [((n - 1) * size, max(0, min(n * size, read.length) - (n - 1) * size))
              for n in numbers]
-    heads = [_part_head(boundary, _FRAME_PART, length) for _, length in spans]
-    closing = f"--{boundary}--\r\n".encode()
-    total = sum(len(head) + length + 2 for head, (_, length) in zip(heads, spans, strict=True))
+    parts = [LazyPart(_FRAME_PART, length, functools.partial(read, start, length))
+             for start, length in spans]
 
     def body() -> Iterator[bytes]:
         try:
-            for head, (start, length) in zip(heads, spans, strict=True):
-                yield head
-                yield read(start, length)
-                yield b"\r\n"
-            yield closing
+            yield from writer.stream(parts)
         finally:
             read.close()
 
-    return StreamingResponse(
-        body(), headers={"Content-Length": str(total + len(closing))},
-        media_type=_multipart_type(boundary, "application/octet-stream", "1.2.840.10008.1.2.1"))
+    return StreamingResponse(body(), headers={"Content-Length": str(writer.length(parts))},
+                             media_type=writer.content_type)

@@ -43,7 +43,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from service.core.ingest import Code, Rejection, functional_group
+from service.core.codes import Code
+from service.core.series import Rejection, functional_group
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent / "rules" / "flair.json"
 _LEAF_OPERATORS = ("regex", "equals", "contains", "range", "present")

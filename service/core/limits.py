@@ -31,9 +31,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-MATRIX_TOO_LARGE = "matrix_too_large"
-SERIES_TOO_LARGE = "series_too_large"
-TOO_MANY_INSTANCES = "too_many_instances"
+from service.core.codes import Code
+
+# the refusal codes (service.core.codes), under the names callers and tests know
+MATRIX_TOO_LARGE = Code.MATRIX_TOO_LARGE
+SERIES_TOO_LARGE = Code.SERIES_TOO_LARGE
+TOO_MANY_INSTANCES = Code.TOO_MANY_INSTANCES
 
 # Peak RSS growth of one analysis ≈ ANALYSIS_BASE_BYTES + ANALYSIS_BYTES_PER_VOXEL × voxels
 # (bench/memory_peak.py, fresh process, model loaded and warmed, uncompressed 16-bit input).

@@ -11,74 +11,31 @@ to patient LPS millimetres (DICOM's patient coordinate system). Preprocessing:
 3. resizes to ``target_shape`` (H, W, S) by area interpolation (each output voxel is the
    overlap-weighted mean of the input voxels it covers).
 
-The parameters are a :class:`PreprocessingConfig`, written into the ONNX metadata as JSON by the
-export and read back from there by the service, so both sides always run the same thing.
+The parameters are a :class:`~service.core.contract.PreprocessingConfig` (part of the ONNX
+contract, re-exported here), written into the ONNX metadata as JSON by the export and read back
+from there by the service, so both sides always run the same thing.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-CANONICAL_ORIENTATION = "SPL"
+# the parameters are part of the ONNX contract; re-exported for the callers that preprocess
+from service.core.contract import CANONICAL_ORIENTATION, PreprocessingConfig
+
+__all__ = ["CANONICAL_ORIENTATION", "CanonicalVolume", "PreparedVolume", "PreprocessingConfig",
+           "area_matrix", "canonical_to_source_axis", "linear_matrix", "preprocess",
+           "reorient_to_canonical", "resize_area", "resize_linear", "restore_to_source",
+           "scale_intensity", "source_shape"]
+
 # Unit vector in LPS of the direction each canonical axis increases towards.
 _CANONICAL_DIRECTIONS = {"S": (2, 1.0), "P": (1, 1.0), "L": (0, 1.0)}
 
 FloatArray = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class PreprocessingConfig:
-    """What the model expects; travels in the ONNX metadata under ``preprocessing``."""
-
-    target_shape: tuple[int, int, int] = (256, 256, 24)  # (H, W, S), as the paper states it
-    orientation: str = CANONICAL_ORIENTATION
-    intensity: dict[str, Any] = field(
-        default_factory=lambda: {"method": "minmax", "percentiles": [0.0, 100.0]}
-    )
-    interpolation: Literal["area"] = "area"
-    # The value air (the darkest voxels, which min–max maps to 0) has in ``model_input``. The
-    # network subtracts it before its first convolution (``input_offset`` in the architecture
-    # metadata), so that outside the image and outside the head are the same thing to it: its
-    # zero padding then continues the air instead of drawing a frame around every slice.
-    background: float = 0.0
-
-    def __post_init__(self) -> None:
-        if len(self.target_shape) != 3 or min(self.target_shape) < 1:
-            raise ValueError(f"target_shape must be three positive sizes, got {self.target_shape}")
-        if self.orientation != CANONICAL_ORIENTATION:
-            raise ValueError(f"only orientation {CANONICAL_ORIENTATION!r} is implemented")
-        if self.interpolation != "area":
-            raise ValueError("only area interpolation is implemented")
-        if self.intensity.get("method") != "minmax":
-            raise ValueError("only min–max intensity scaling is implemented")
-        low, high = self.intensity.get("percentiles", [0.0, 100.0])
-        if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"intensity percentiles need 0 <= low < high <= 100: {low, high}")
-
-    @property
-    def model_grid(self) -> tuple[int, int, int]:
-        """(S, H, W): the array shape the model's ``volume`` input takes per item."""
-        height, width, slices = self.target_shape
-        return slices, height, width
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PreprocessingConfig:
-        raw = json.loads(text)
-        return cls(
-            target_shape=tuple(int(v) for v in raw["target_shape"]),  # type: ignore[arg-type]
-            orientation=raw["orientation"],
-            intensity=dict(raw["intensity"]),
-            interpolation=raw["interpolation"],
-            background=float(raw.get("background", 0.0)),
-        )
 
 
 @dataclass(frozen=True)
@@ -156,7 +113,8 @@ def area_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
     starts, ends = edges_out[:-1, None], edges_out[1:, None]
     cells = np.arange(n_in, dtype=np.float64)[None, :]
     overlap = np.clip(np.minimum(ends, cells + 1.0) - np.maximum(starts, cells), 0.0, None)
-    return overlap / overlap.sum(axis=1, keepdims=True)
+    weights: npt.NDArray[np.float64] = overlap / overlap.sum(axis=1, keepdims=True)
+    return weights
 
 
 def resize_area(array: npt.NDArray[Any], shape: tuple[int, int, int]) -> FloatArray:

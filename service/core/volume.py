@@ -21,45 +21,63 @@ the image rows/columns), axis 1 down the image rows, axis 2 along the columns, e
 highdicom's :class:`~highdicom.Volume`. ``affine_lps`` maps those indices to DICOM patient
 millimetres (LPS); that pair is what :func:`service.core.preprocess.preprocess` takes.
 
-Tolerances: slice spacings may vary by 1 % of the spacing (highdicom's default relative
-tolerance); slices must be stacked along the normal within 1e-3 of the dot product (≈ 2.6°).
+This is the one place that decides whether a series is one 3D volume: :func:`check_series`
+(everything that needs no sorted positions) and the sort (spacing, gaps, shear) raise
+:class:`~service.core.series.SeriesRejected` with a :class:`~service.core.codes.Code`;
+:func:`convert` turns that into a :class:`~service.core.series.Rejection` on the result. Rules
+that are policy, not physics (documented in the README):
+
+* **Duplicates.** The same SOP Instance UID twice is dropped (warning ``duplicate_instance``).
+  Several *different* instances at one position are a 4D series (rejected, ``multi_volume_4d``)
+  when they differ in echo, temporal position, b-value or trigger time, when *every* position
+  holds the same number k > 1 of them (k volumes), or when any position holds more than two.
+  Otherwise, a few positions acquired twice, the newest one (highest AcquisitionNumber, then
+  InstanceNumber) is kept: warning ``duplicate_slices``.
+* **Same position / orientation tolerances.** Positions closer than 0.01 mm are the same
+  position; ImageOrientationPatient components may differ by up to 1e-3 (about 0.06°).
+* **Spacing.** Slice spacings may vary by 1 % of the spacing (highdicom's default relative
+  tolerance); slices must be stacked along the normal within 1e-3 of the dot product (≈ 2.6°).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import highdicom
 import numpy as np
 import numpy.typing as npt
 from highdicom.spatial import get_volume_positions
 from pydicom.encaps import generate_frames
-from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.pixels.utils import iter_pixels, pixel_array
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
+from service.core.codes import Code
 from service.core.flair import selection_attributes
-from service.core.ingest import (
-    Code,
+from service.core.reading import Notice, Skipped
+from service.core.series import (
     Frame,
     IngestResult,
-    Notice,
     Rejection,
     Series,
     SeriesRejected,
-    Skipped,
-    check_series,
     ingest,
     ingest_folder,
+    is_mosaic,
+    series_frames,
 )
 
+POSITION_DECIMALS = 2  # positions equal to 0.01 mm are one slice position
+ORIENTATION_TOL = 1e-3  # max abs difference between direction cosines of one series
+PIXEL_SPACING_RTOL = 1e-3
 SPACING_RTOL = 0.01
 PERPENDICULAR_TOL = 1e-3
 # LPS → RAS (and back): flip x and y
@@ -147,17 +165,191 @@ def orientation_code(affine_lps: npt.ArrayLike) -> str:
     return "".join(letters)
 
 
+# --------------------------------------------------------------------------------------------
+# Is this one volume: the checks that do not need sorted positions, then the sort (spacing, gaps)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """The frames that make the volume (one per position, unsorted) and the warnings so far."""
+
+    frames: list[Frame]
+    warnings: list[Notice]
+
+
+def _join(values: Iterable[str]) -> str:
+    return "\\".join(values)
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    return sorted({v for v in values if v is not None}, key=str)
+
+
+def _position_key(position: tuple[float, float, float]) -> tuple[float, ...]:
+    return tuple(round(v, POSITION_DECIMALS) + 0.0 for v in position)
+
+
+def check_series(series: Series) -> SeriesPlan:
+    """Every check that does not need sorted slice positions; raises :class:`SeriesRejected`."""
+    modality = series.modality
+    if modality != "MR":
+        raise SeriesRejected(
+            Code.NOT_MR, f"Modality is {modality or 'missing'!s}, flaircad reads MR only"
+        )
+    for instance in series.instances:
+        ds = instance.dataset
+        if 0x00280002 in ds and int(ds.SamplesPerPixel or 1) != 1:
+            raise SeriesRejected(
+                Code.UNSUPPORTED_PIXELS,
+                f"{instance.source}: {ds.SamplesPerPixel} samples per pixel "
+                f"({ds.get('PhotometricInterpretation')}); MR volumes are greyscale",
+            )
+        if is_mosaic(ds):
+            image_type = "\\".join(ds.get("ImageType") or [])
+            raise SeriesRejected(
+                Code.MOSAIC,
+                f"{instance.source}: Siemens/UIH mosaic (ImageType {image_type}): many slices "
+                f"tiled in one {ds.Rows}x{ds.Columns} image, one file per volume; mosaic EPI is "
+                "not converted",
+            )
+    warnings_: list[Notice] = []
+    no_preamble = sum(1 for i in series.instances if i.notices)
+    if no_preamble:
+        warnings_.append(Notice(
+            Code.NO_PREAMBLE, f"{no_preamble} file(s) without preamble/'DICM' were read"
+        ))
+
+    frames = series_frames(series)
+    # The same instance received twice (re-sent, or the same file copied) is one instance.
+    unique: dict[tuple[str, int | None], Frame] = {}
+    for frame in frames:
+        unique.setdefault((frame.sop_instance_uid, frame.frame_number), frame)
+    if len(unique) < len(frames):
+        warnings_.append(Notice(
+            Code.DUPLICATE_INSTANCE,
+            f"{len(frames) - len(unique)} image(s) received more than once were ignored",
+        ))
+        frames = list(unique.values())
+
+    missing = [
+        name
+        for name, attr in (
+            ("ImagePositionPatient", "position"),
+            ("ImageOrientationPatient", "orientation"),
+            ("PixelSpacing", "pixel_spacing"),
+        )
+        if any(getattr(f, attr) is None for f in frames)
+    ]
+    if missing:
+        raise SeriesRejected(
+            Code.MISSING_GEOMETRY,
+            f"{' and '.join(missing)} missing or malformed in some images: slice positions "
+            "cannot be known",
+        )
+    matrices = Counter((f.rows, f.columns) for f in frames)
+    if len(matrices) > 1:
+        described = ", ".join(f"{r}x{c} ({n})" for (r, c), n in sorted(matrices.items()))
+        raise SeriesRejected(Code.MIXED_MATRIX, f"images of different sizes: {described}")
+    reference = frames[0].orientation
+    assert reference is not None
+    if any(
+        max(abs(a - b) for a, b in zip(f.orientation or (), reference, strict=True))
+        > ORIENTATION_TOL
+        for f in frames
+    ):
+        kinds = len({tuple(round(v, 2) for v in f.orientation or ()) for f in frames})
+        raise SeriesRejected(
+            Code.MIXED_ORIENTATION,
+            f"{kinds} different image orientations in one series (e.g. a multi-plane "
+            "localizer); a volume needs one",
+        )
+    spacing0 = frames[0].pixel_spacing
+    assert spacing0 is not None
+    if any(
+        not math.isclose(a, b, rel_tol=PIXEL_SPACING_RTOL)
+        for f in frames
+        for a, b in zip(f.pixel_spacing or (), spacing0, strict=True)
+    ):
+        raise SeriesRejected(Code.MIXED_PIXEL_SPACING, "PixelSpacing differs between images")
+    image_types = Counter(f.image_type for f in frames)
+    if len(image_types) > 1:
+        described = "; ".join(
+            f"{_join(t) or '(none)'} ({n})" for t, n in sorted(image_types.items())
+        )
+        raise SeriesRejected(
+            Code.MIXED_IMAGE_TYPE,
+            f"images of different types in one series (e.g. magnitude and phase or a field "
+            f"map): {described}",
+        )
+
+    frames, duplicate_notice = _one_frame_per_position(frames)
+    if duplicate_notice is not None:
+        warnings_.append(duplicate_notice)
+    if len(frames) < 2:
+        raise SeriesRejected(Code.SINGLE_SLICE, "one slice is not a 3D volume")
+    return SeriesPlan(frames=frames, warnings=warnings_)
+
+
+def _one_frame_per_position(frames: list[Frame]) -> tuple[list[Frame], Notice | None]:
+    by_position: dict[tuple[float, ...], list[Frame]] = defaultdict(list)
+    for frame in frames:
+        assert frame.position is not None
+        by_position[_position_key(frame.position)].append(frame)
+    counts = Counter(len(group) for group in by_position.values())
+    if max(counts) == 1:
+        return frames, None
+
+    repeated = [group for group in by_position.values() if len(group) > 1]
+    for attribute, what in (
+        ("echo", "multi-echo: echoes"),
+        ("temporal", "time series: temporal positions"),
+        ("b_value", "diffusion: b-values"),
+        ("trigger", "cardiac phases: trigger times"),
+    ):
+        values = _distinct(getattr(f, attribute) for group in repeated for f in group)
+        if any(len(_distinct(getattr(f, attribute) for f in group)) > 1 for group in repeated):
+            shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+            raise SeriesRejected(
+                Code.MULTI_VOLUME_4D,
+                f"{len(frames)} images at {len(by_position)} positions, {what} {shown}; "
+                "a 4D series is not one 3D volume",
+            )
+    per_position = max(counts)
+    if len(counts) == 1 or per_position > 2:
+        raise SeriesRejected(
+            Code.MULTI_VOLUME_4D,
+            f"{len(frames)} images at {len(by_position)} positions "
+            f"({'exactly' if len(counts) == 1 else 'up to'} {per_position} per position): "
+            "several volumes (repetitions/time points) in one series",
+        )
+
+    def newest(frame: Frame) -> tuple[int, int]:
+        return (frame.acquisition_number or -1, frame.instance_number or -1)
+
+    kept = [max(group, key=newest) for group in by_position.values()]
+    notice = Notice(
+        Code.DUPLICATE_SLICES,
+        f"{len(repeated)} position(s) held 2 images; kept the newest (AcquisitionNumber, then "
+        "InstanceNumber) of each",
+    )
+    return kept, notice
+
+
 def _sort_frames(frames: list[Frame]) -> tuple[float, list[int]]:
     """highdicom's sort; when it says 'not a volume', find out why (gap, spacing, shear)."""
     positions = np.array([f.position for f in frames], dtype=np.float64)
     orientation = frames[0].orientation
+    assert orientation is not None  # check_series rejected frames without one
+    # highdicom's hints ask for sequences; it takes an array as well (np.asarray inside)
+    position_rows = cast("Sequence[Sequence[float]]", positions)
     spacing, indices = get_volume_positions(
-        positions, orientation, rtol=SPACING_RTOL, perpendicular_tol=PERPENDICULAR_TOL
+        position_rows, orientation, rtol=SPACING_RTOL, perpendicular_tol=PERPENDICULAR_TOL
     )
     if spacing is not None and indices is not None:
         return float(spacing), [int(i) for i in indices]
 
-    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))  # type: ignore[index]
+    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
     distances = positions @ normal
     order = np.argsort(distances)
     offsets = positions[order] - positions[order[0]]
@@ -172,7 +364,7 @@ def _sort_frames(frames: list[Frame]) -> tuple[float, list[int]]:
         )
     steps = np.diff(distances[order])
     gap_spacing, _ = get_volume_positions(
-        positions,
+        position_rows,
         orientation,
         rtol=SPACING_RTOL,
         perpendicular_tol=PERPENDICULAR_TOL,

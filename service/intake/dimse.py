@@ -26,7 +26,7 @@ import logging
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
@@ -35,6 +35,9 @@ from service.intake.multipart import Part
 from service.intake.stow import StowResult, store_parts
 from service.runtime.audit import AuditLog
 from service.storage.spool import SeriesKey, Spool
+
+if TYPE_CHECKING:  # pynetdicom itself is imported when the listener starts
+    from pynetdicom.events import EventHandlerType
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +112,10 @@ class DimseListener:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         ae.maximum_associations = 16
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted),
-                    (evt.EVT_CONN_CLOSE, self._on_ended)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_CLOSE, self._on_ended)]
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=handlers)
         host, port = self.address

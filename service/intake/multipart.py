@@ -1,4 +1,6 @@
-"""MIME multipart bodies as PACS and viewers send them (RFC 2046, RFC 2387, RFC 7578).
+"""MIME multipart bodies as PACS and viewers send them (RFC 2046, RFC 2387, RFC 7578), and
+the one writer of the ``multipart/related`` bodies flaircad sends (:class:`MultipartWriter`:
+results to clients, WADO-RS instances and frames, STOW-RS deliveries to a PACS).
 
 Written for what real senders do, not only for what the RFCs allow:
 
@@ -23,7 +25,8 @@ as RFC 2046 asks).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -372,3 +375,64 @@ class StreamingMultipart:
         assert self._sink is not None
         self._sink.write(bytes(self._buffer[:n]))
         del self._buffer[:n]
+
+
+# -- writing -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LazyPart:
+    """A part to stream: its headers, its length (known before it is read, for the part's
+    and the body's ``Content-Length``) and how to read its bytes when it is sent."""
+
+    headers: Mapping[str, str]
+    length: int
+    read: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class MultipartWriter:
+    """The ``multipart/related`` bodies flaircad sends (RFC 2387), one framing for all of
+    them: each part is ``--boundary CRLF``, its headers, ``Content-Length``, a blank line, its
+    bytes and CRLF; the body ends with ``--boundary-- CRLF``. ``part_type`` (and
+    ``transfer_syntax``, when given) go into :attr:`content_type`, the body's media type.
+    The boundary is random unless given: a fixed one is for tests."""
+
+    part_type: str
+    transfer_syntax: str | None = None
+    boundary: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def content_type(self) -> str:
+        syntax = f"transfer-syntax={self.transfer_syntax}; " if self.transfer_syntax else ""
+        return f'multipart/related; type="{self.part_type}"; {syntax}boundary={self.boundary}'
+
+    def head(self, headers: Mapping[str, str], length: int) -> bytes:
+        """What precedes a part's bytes."""
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return f"--{self.boundary}\r\n{lines}Content-Length: {length}\r\n\r\n".encode()
+
+    @property
+    def closing(self) -> bytes:
+        return f"--{self.boundary}--\r\n".encode()
+
+    def body(self, parts: Iterable[tuple[Mapping[str, str], bytes]]) -> bytes:
+        """The whole body of parts already in memory."""
+        chunks: list[bytes] = []
+        for headers, data in parts:
+            chunks += [self.head(headers, len(data)), data, b"\r\n"]
+        chunks.append(self.closing)
+        return b"".join(chunks)
+
+    def length(self, parts: Sequence[LazyPart]) -> int:
+        """The byte length of :meth:`stream` of these parts, before any is read."""
+        return sum(len(self.head(p.headers, p.length)) + p.length + 2 for p in parts) \
+            + len(self.closing)
+
+    def stream(self, parts: Iterable[LazyPart]) -> Iterator[bytes]:
+        """The same bytes as :meth:`body`, each part read only when it is sent: memory holds
+        one part whatever the number of parts. A part's ``read`` must return ``length`` bytes
+        (the heads announced them)."""
+        for part in parts:
+            yield self.head(part.headers, part.length)
+            yield part.read()
+            yield b"\r\n"
+        yield self.closing

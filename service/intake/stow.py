@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
-from service.core.ingest import Skipped, read_instance
+from service.core.codes import Code
 from service.core.limits import TOO_MANY_INSTANCES, Limits, instance_refusal
+from service.core.reading import Skipped, read_instance
 from service.intake.multipart import MediaType
 from service.runtime import metrics
 from service.storage.spool import SeriesKey, Spool, StoreOutcome, safe_uid
@@ -35,7 +36,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 STUDY_MISMATCH = 0xA900  # "data set does not match" — the study in the URL
 CANNOT_UNDERSTAND = 0xC000
-TOO_MANY_OPEN_SERIES = "too_many_open_series"
+TOO_MANY_OPEN_SERIES = Code.TOO_MANY_OPEN_SERIES
 
 
 @dataclass
@@ -110,12 +111,12 @@ def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str |
         metrics.INSTANCES_RECEIVED.labels(source=source).inc()
         media = part.content_type.essence
         if media and media not in ("application/dicom", "application/octet-stream"):
-            refuse("", "", CANNOT_UNDERSTAND, "unsupported_part_type")
+            refuse("", "", CANNOT_UNDERSTAND, Code.UNSUPPORTED_PART_TYPE)
             continue
         data = part.read()
         parsed = read_instance(data, f"part {index + 1}")
         if isinstance(parsed, Skipped):
-            refuse("", "", CANNOT_UNDERSTAND if parsed.code != "no_pixel_data"
+            refuse("", "", CANNOT_UNDERSTAND if parsed.code != Code.NO_PIXEL_DATA
                    else SOP_CLASS_NOT_SUPPORTED, str(parsed.code))
             continue
         ds = parsed.dataset
@@ -125,10 +126,10 @@ def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str |
                             safe_uid(_text(ds, "SeriesInstanceUID")))
             sop_instance = safe_uid(sop_instance)
         except ValueError:
-            refuse(sop_class, "", CANNOT_UNDERSTAND, "invalid_uid")
+            refuse(sop_class, "", CANNOT_UNDERSTAND, Code.INVALID_UID)
             continue
         if study_in_url is not None and key.study_instance_uid != study_in_url:
-            refuse(sop_class, sop_instance, STUDY_MISMATCH, "study_mismatch")
+            refuse(sop_class, sop_instance, STUDY_MISMATCH, Code.STUDY_MISMATCH)
             continue
         too_large = instance_refusal(ds, limits)
         if too_large is not None:
@@ -147,10 +148,10 @@ def store_parts(parts: Sequence[InstancePart], spool: Spool, study_in_url: str |
         try:
             outcome = spool.store_instance(key, sop_instance, data, source=path)
         except OSError:
-            refuse(sop_class, sop_instance, OUT_OF_RESOURCES, "spool_write_failed")
+            refuse(sop_class, sop_instance, OUT_OF_RESOURCES, Code.SPOOL_WRITE_FAILED)
             continue
         if outcome is StoreOutcome.CONFLICT:
-            refuse(sop_class, sop_instance, DUPLICATE_SOP_INSTANCE, "conflicting_duplicate")
+            refuse(sop_class, sop_instance, DUPLICATE_SOP_INSTANCE, Code.CONFLICTING_DUPLICATE)
             result.conflicts.append((key, sop_instance))
             # the refusal stands even if remembering it fails; only the warning is lost
             with contextlib.suppress(OSError):

@@ -23,9 +23,12 @@ A straight line of stages, each timed (milliseconds, in ``timings_ms``):
     all of the above.
 
 Input that is not one usable FLAIR MR series raises :class:`AnalysisRejected` with a stable
-snake_case ``code``: the codes of :class:`service.core.ingest.Code` (``not_mr``, ``missing_slices``,
+snake_case ``code``: the codes of :class:`service.core.codes.Code` (``not_mr``, ``missing_slices``,
 ``not_flair``, ...) plus ``no_series``, ``multiple_series`` and ``invalid_uid``. Anything else
 that goes wrong is a bug and propagates as such.
+
+The outputs are written by the storage layer (:func:`service.storage.results.write_outputs`,
+which takes any object shaped like :class:`Analysis`): this layer writes no files.
 
 Nothing here logs patient identifiers; warnings name attributes and codes, never values.
 """
@@ -33,13 +36,11 @@ Nothing here logs patient identifiers; warnings name attributes and codes, never
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,20 +48,23 @@ import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from service.core.codes import Code
 from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.core.flair import RuleSet, flair_rejection, load_rules, selection_attributes
-from service.core.ingest import Code, Series, Source, ingest
 from service.core.limits import Limits, series_refusal
 from service.core.preprocess import preprocess
+from service.core.reading import Source
+from service.core.series import Series, ingest
 from service.core.volume import SeriesVolume, SliceSource, convert
 from service.pipeline import overlay, sanitize, sc, sr
 from service.pipeline.engine import EngineOutput, ModelInfo
 
 log = logging.getLogger(__name__)
 
-NO_SERIES = "no_series"
-MULTIPLE_SERIES = "multiple_series"
-INVALID_UID = "invalid_uid"
+# the refusal codes of one analysis' input (service.core.codes)
+NO_SERIES = Code.NO_SERIES
+MULTIPLE_SERIES = Code.MULTIPLE_SERIES
+INVALID_UID = Code.INVALID_UID
 STAGES = ("decode", "volume", "preprocess", "inference", "render", "encode", "total")
 SC_SERIES_OFFSET = 1000  # SC series number = source series number + 1000
 SR_SERIES_OFFSET = 2000
@@ -436,22 +440,3 @@ def analyse(
         warnings=warnings,
     )
 
-
-def write_outputs(analysis: Analysis, out_dir: Path | str) -> dict[str, Any]:
-    """Write ``result.json``, ``preview.png``, ``sr.dcm`` and ``sc/IM0001.dcm`` … into
-    ``out_dir`` (created if needed); returns what was written where."""
-    out = Path(out_dir)
-    sc_dir = out / "sc"
-    sc_dir.mkdir(parents=True, exist_ok=True)
-    sc_paths = []
-    for number, data in enumerate(analysis.sc_instances, start=1):
-        path = sc_dir / f"IM{number:04d}.dcm"
-        path.write_bytes(data)
-        sc_paths.append(path)
-    sr_path = out / "sr.dcm"
-    sr_path.write_bytes(analysis.sr_instance)
-    preview = out / "preview.png"
-    preview.write_bytes(analysis.preview_png)
-    result = out / "result.json"
-    result.write_text(json.dumps(analysis.to_json(), indent=2) + "\n", encoding="utf-8")
-    return {"result": result, "preview": preview, "sr": sr_path, "sc": sc_paths}

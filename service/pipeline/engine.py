@@ -25,6 +25,8 @@ import onnxruntime as ort
 
 from service.core.contract import (
     OUTPUT_NAMES,
+    Explanation,
+    Input,
     ModelContractError,
     ModelInfo,
     check_signature,
@@ -81,11 +83,11 @@ class EngineOutput:
 
     def explanation(self, name: str) -> npt.NDArray[np.float32]:
         """The map ``name`` (see :data:`service.core.contract.EXPLANATIONS`), (B, S, h, w)."""
-        if name == "hirescam":
+        if name == Explanation.HIRESCAM:
             return self.hirescam
-        if name == "gradcam":
+        if name == Explanation.GRADCAM:
             return self.gradcam
-        if name == "attention":
+        if name == Explanation.ATTENTION:
             return self.spatial_attention * self.slice_weights[:, :, None, None]
         raise ValueError(f"unknown explanation map {name!r}")
 
@@ -140,8 +142,8 @@ class Engine:
             volumes = volumes[:, :, None]
         if target_class is None:
             target_class = np.full(volumes.shape[0], -1, dtype=np.int64)
-        feeds = {"volume": np.ascontiguousarray(volumes, dtype=np.float32),
-                 "target_class": np.asarray(target_class, dtype=np.int64)}
+        feeds = {Input.VOLUME.value: np.ascontiguousarray(volumes, dtype=np.float32),
+                 Input.TARGET_CLASS.value: np.asarray(target_class, dtype=np.int64)}
         return EngineOutput(*self.session.run(list(OUTPUT_NAMES), feeds))
 
     def warm_up(self) -> None:

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
+from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS, Explanation
 from service.core.preprocess import (
     PreparedVolume,
     area_matrix,
@@ -54,9 +54,9 @@ OUTSIDE_DISTRIBUTION_BANNER = "OUTSIDE THE TRAINING DISTRIBUTION"
 NOT_FLAIR_BANNER = "NOT RECOGNISED AS FLAIR: RESEARCH OVERRIDE"
 # How banners, SeriesDescriptions and reports name each map of service.core.contract.EXPLANATIONS
 EXPLANATION_LABELS: dict[str, str] = {
-    "hirescam": "HiResCAM",
-    "gradcam": "Grad-CAM",
-    "attention": "attention",
+    Explanation.HIRESCAM.value: "HiResCAM",
+    Explanation.GRADCAM.value: "Grad-CAM",
+    Explanation.ATTENTION.value: "attention",
 }
 ALPHA_MAX = 0.5  # opacity of the colour map where the CAM is at its volume maximum
 WINDOW_PERCENTILES = (1.0, 99.5)  # grey window of the source volume
@@ -222,7 +222,7 @@ def _draw_lines(image: RGBImage, lines: Sequence[str], top: int, scale: float,
                 colour: tuple[int, int, int]) -> int:
     """Draw ``lines`` from row ``top`` on a darkened strip; returns the row below the strip."""
     height, step = _line_step(scale)
-    bottom = min(image.shape[0], top + step * len(lines) + 2)
+    bottom = min(int(image.shape[0]), top + step * len(lines) + 2)
     strip = image[top:bottom]
     strip[:] = (strip.astype(np.float32) * 0.3).astype(np.uint8)
     margin = max(2, image.shape[1] // 100)

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client.registry import Collector
 
 from service.api import analyses, dicomweb, problems, system, wado
 from service.api.deps import Runtime
@@ -27,6 +28,7 @@ from service.runtime.auth import Authenticator, check_configured
 from service.runtime.pacs import PacsLink
 from service.runtime.scheduler import Scheduler
 from service.storage.spool import Spool
+from service.storage.sqlite import database_path
 from service.storage.store import AnalysisStore
 
 log = logging.getLogger(__name__)
@@ -119,15 +121,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.warm_up()
         warm_up_ms = round((time.perf_counter() - started) * 1000, 1)
         spool = Spool(settings.spool_dir)
-        store = AnalysisStore(settings.spool_dir / "flaircad.sqlite")
+        store = AnalysisStore(database_path(settings.spool_dir))
         scheduler = Scheduler(settings, engine, spool, store)
         await scheduler.start()
         pacs = PacsLink(settings, spool, scheduler)  # results out, DIMSE in
         await pacs.start()
         metrics.MODEL_INFO.labels(name=engine.info.name, version=engine.info.version,
                                   provider=engine.provider).set(1)
-        collectors: list[Any] = [metrics.SpoolCollector(settings.spool_dir,
-                                                        settings.spool_scan_interval_s)]
+        collectors: list[Collector] = [metrics.SpoolCollector(settings.spool_dir,
+                                                              settings.spool_scan_interval_s)]
         collectors.append(pacs.collector)
         gpu = metrics.GpuCollector.create(engine.provider, _cuda_device_id(engine))
         if gpu is not None:

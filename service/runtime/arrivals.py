@@ -148,7 +148,7 @@ class ArrivalWindow:
         number of seconds."""
         with self._lock:
             self._failures[key] += 1
-            delay = min(self.backoff_max_s, self.backoff_s * 2 ** (self._failures[key] - 1))
+            delay = min(self.backoff_max_s, self.backoff_s * 2.0 ** (self._failures[key] - 1))
             self._retry_at[key] = self._clock() + delay
             return delay
 

@@ -53,7 +53,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+from service.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +278,22 @@ class AuditLog:
         return records
 
 
-def trail(settings: Any) -> AuditLog:
+class _Bounds(TypedDict):
+    """AuditLog's bounds, as keyword arguments."""
+
+    max_bytes: int
+    backups: int
+    refusal_window_s: float
+    refusal_max_keys: int
+
+
+def trail(settings: Settings) -> AuditLog:
     """The audit log the settings name (one object per path; its bounds from the settings)."""
     path = Path(settings.audit_log or Path(settings.spool_dir) / "audit.jsonl")
-    bounds = {"max_bytes": settings.audit_max_bytes, "backups": settings.audit_backups,
-              "refusal_window_s": settings.audit_refusal_window_s,
-              "refusal_max_keys": settings.audit_refusal_max_keys}
+    bounds: _Bounds = {"max_bytes": settings.audit_max_bytes,
+                       "backups": settings.audit_backups,
+                       "refusal_window_s": settings.audit_refusal_window_s,
+                       "refusal_max_keys": settings.audit_refusal_max_keys}
     with _trails_lock:
         if path not in _trails:
             _trails[path] = AuditLog(path, **bounds)

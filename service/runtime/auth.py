@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from jwt.types import Options
+
+from service.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,7 @@ class Authenticator:
         self._algorithms = list(wanted)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Authenticator:
+    def from_settings(cls, settings: Settings) -> Authenticator:
         keys: dict[str, ApiKey] = {}
         if settings.api_keys is not None:
             keys.update(parse_api_keys(settings.api_keys.get_secret_value(),
@@ -239,7 +242,7 @@ class Authenticator:
         kid = header.get("kid")
         candidates = [key for key in self._jwt_keys
                       if kid is None or getattr(key, "key_id", None) in (None, kid)]
-        options = {"require": ["exp", "sub"]}
+        options: Options = {"require": ["exp", "sub"]}
         for key in candidates:
             try:
                 claims = jwt.decode(token, key.key if isinstance(key, jwt.PyJWK) else key,
@@ -258,7 +261,7 @@ class Authenticator:
         raise AuthError("the JWT's signature does not verify with any configured key")
 
 
-def check_configured(settings: Any, authenticator: Authenticator) -> None:
+def check_configured(settings: Settings, authenticator: Authenticator) -> None:
     """Refuse to start with authentication on and nothing to authenticate against."""
     if not settings.auth_disabled and not authenticator.configured:
         raise RuntimeError(

@@ -2,7 +2,8 @@
 configured destination (:mod:`service.core.destinations`), with retries and exponential backoff.
 
 State lives in the spool database (table ``deliveries``, one row per analysis and
-destination), so a restart resumes what was pending:
+destination; :class:`service.storage.deliveries.DeliveryStore`), so a restart resumes what was
+pending:
 
 * ``pending`` — waiting for its next attempt (``next_attempt``, epoch seconds);
 * ``sending`` — claimed by one process (``owner``, its lease token) and in progress; a row
@@ -13,8 +14,8 @@ destination), so a restart resumes what was pending:
 An analysis is marked done and its deliveries are planned in two writes (two connections).
 So that a crash between them loses no result, the forwarder reconciles at start and every
 30 s: each done analysis still in the database that lacks a row for a configured destination
-gets one (:meth:`DeliveryStore.plan_missing`, idempotent). A destination added later therefore
-also receives the results that retention still keeps.
+gets one (:meth:`~service.storage.deliveries.DeliveryStore.plan_missing`, idempotent). A
+destination added later therefore also receives the results that retention still keeps.
 
 A failed attempt waits ``delivery_backoff_s × 2^(attempts−1)`` (at most
 ``delivery_backoff_max_s``, plus up to 10 % jitter) before the next one. Rows name their
@@ -32,13 +33,10 @@ import contextlib
 import logging
 import random
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.core.destinations import Destination
-from service.storage.store import connect
+from service.intake.multipart import MultipartWriter
+from service.storage import DeliveryRepository
+from service.storage.deliveries import Delivery, DeliveryState
+from service.storage.results import ResultFolder
 
 log = logging.getLogger(__name__)
 
@@ -60,232 +61,26 @@ DELIVERY_DURATION = Histogram(
     ("kind",), buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 
 
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    analysis_id TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_error TEXT,
-    instances INTEGER,
-    owner TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (analysis_id, destination)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt);
-"""
-_COLUMNS = ("analysis_id, destination, kind, state, attempts, next_attempt, last_error, "
-            "instances, owner, created, updated")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    analysis_id: str
-    destination: str
-    kind: str
-    state: DeliveryState
-    attempts: int
-    next_attempt: float
-    last_error: str | None
-    instances: int | None
-    owner: str | None
-    created: float
-    updated: float
-
-    def to_json(self) -> dict[str, Any]:
-        """What ``GET /v1/analyses/{id}`` shows (no owner token, times as epoch seconds)."""
-        return {"destination": self.destination, "kind": self.kind, "state": str(self.state),
-                "attempts": self.attempts, "last_error": self.last_error,
-                "instances": self.instances, "updated": self.updated,
-                "next_attempt": (self.next_attempt if self.state is DeliveryState.PENDING
-                                 else None)}
-
-
-class DeliveryStore:
-    """The ``deliveries`` table in the spool's SQLite database (its own connection)."""
-
-    def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = connect(path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def plan(self, analysis_id: str, destinations: Iterable[Destination],
-             now: float | None = None) -> int:
-        """One pending row per destination (none if it exists already); how many were new."""
-        now = time.time() if now is None else now
-        added = 0
-        with self._lock:
-            for destination in destinations:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO deliveries (analysis_id, destination, kind, state, "
-                    "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?)",
-                    (analysis_id, destination.name, destination.kind, DeliveryState.PENDING,
-                     now, now, now))
-                added += cursor.rowcount
-        return added
-
-    def plan_missing(self, destinations: Iterable[Destination], now: float | None = None
-                     ) -> int:
-        """A pending row for every done analysis and destination that has none (a crash
-        between "done" and :meth:`plan`, or a destination added since); how many were new."""
-        now = time.time() if now is None else now
-        added = 0
-        with self._lock:
-            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
-                                "name='analyses'").fetchone() is None:
-                return 0  # no analysis store in this database (yet)
-            for destination in destinations:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO deliveries (analysis_id, destination, kind, state, "
-                    "next_attempt, created, updated) SELECT a.id, ?, ?, ?, ?, ?, ? FROM "
-                    "analyses a WHERE a.status='done' AND NOT EXISTS (SELECT 1 FROM "
-                    "deliveries d WHERE d.analysis_id=a.id AND d.destination=?)",
-                    (destination.name, destination.kind, DeliveryState.PENDING, now, now, now,
-                     destination.name))
-                added += cursor.rowcount
-        return added
-
-    def claim_due(self, names: Iterable[str], owner: str, now: float | None = None,
-                  limit: int = 8) -> list[Delivery]:
-        """Pending rows of these destinations whose time has come, now ``sending`` for
-        ``owner`` (compare-and-set: a row another process claimed first is skipped)."""
-        now = time.time() if now is None else now
-        names = list(names)
-        if not names:
-            return []
-        marks = ",".join("?" * len(names))
-        claimed: list[Delivery] = []
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT analysis_id, destination FROM deliveries WHERE state=? AND "
-                f"next_attempt<=? AND destination IN ({marks}) ORDER BY next_attempt LIMIT ?",
-                (DeliveryState.PENDING, now, *names, limit)).fetchall()
-            for analysis_id, destination in rows:
-                cursor = self._db.execute(
-                    "UPDATE deliveries SET state=?, owner=?, updated=? WHERE analysis_id=? AND "
-                    "destination=? AND state=?",
-                    (DeliveryState.SENDING, owner, now, analysis_id, destination,
-                     DeliveryState.PENDING))
-                if cursor.rowcount == 1:
-                    claimed.append(self._get(analysis_id, destination))
-        return claimed
-
-    def record(self, analysis_id: str, destination: str, state: DeliveryState, *,
-               attempts: int, next_attempt: float | None = None, error: str | None = None,
-               instances: int | None = None) -> None:
-        now = time.time()
-        with self._lock:
-            self._db.execute(
-                "UPDATE deliveries SET state=?, attempts=?, next_attempt=COALESCE(?, "
-                "next_attempt), last_error=?, instances=COALESCE(?, instances), owner=NULL, "
-                "updated=? WHERE analysis_id=? AND destination=?",
-                (state, attempts, next_attempt, error, instances, now, analysis_id,
-                 destination))
-
-    def release(self, owner_alive: Callable[[str | None], bool]) -> int:
-        """``sending`` rows whose owner process is gone go back to ``pending`` (now)."""
-        released = 0
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT analysis_id, destination, owner FROM deliveries WHERE state=?",
-                (DeliveryState.SENDING,)).fetchall()
-        for analysis_id, destination, owner in rows:
-            if owner_alive(owner):
-                continue
-            with self._lock:
-                cursor = self._db.execute(
-                    "UPDATE deliveries SET state=?, owner=NULL, next_attempt=?, updated=? "
-                    "WHERE analysis_id=? AND destination=? AND state=? AND owner IS ?",
-                    (DeliveryState.PENDING, time.time(), time.time(), analysis_id,
-                     destination, DeliveryState.SENDING, owner))
-                released += cursor.rowcount
-        return released
-
-    def next_due(self, names: Iterable[str]) -> float | None:
-        names = list(names)
-        if not names:
-            return None
-        marks = ",".join("?" * len(names))
-        with self._lock:
-            (value,) = self._db.execute(
-                f"SELECT MIN(next_attempt) FROM deliveries WHERE state=? AND destination IN "
-                f"({marks})", (DeliveryState.PENDING, *names)).fetchone()
-        return float(value) if value is not None else None
-
-    def of_analysis(self, analysis_id: str) -> list[Delivery]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM deliveries WHERE analysis_id=? ORDER BY destination",
-                (analysis_id,)).fetchall()
-        return [_delivery(row) for row in rows]
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """(destination, state) → rows."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, "
-                "state").fetchall()
-        return {(destination, state): int(n) for destination, state, n in rows}
-
-    def _get(self, analysis_id: str, destination: str) -> Delivery:
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM deliveries WHERE analysis_id=? AND destination=?",
-            (analysis_id, destination)).fetchone()
-        return _delivery(row)
-
-
-def _delivery(row: tuple[Any, ...]) -> Delivery:
-    (analysis_id, destination, kind, state, attempts, next_attempt, last_error, instances,
-     owner, created, updated) = row
-    return Delivery(analysis_id, destination, kind, DeliveryState(state), int(attempts),
-                    float(next_attempt), last_error, instances, owner, created, updated)
-
-
 # -- senders --------------------------------------------------------------------------------
 class DeliveryError(Exception):
     """One attempt failed; the message goes into ``last_error`` (no credentials, no UIDs)."""
-
-
-def result_files(folder: Path) -> list[Path]:
-    """The DICOM outputs of one analysis: the SC series, then the SR."""
-    return [*sorted((folder / "sc").glob("*.dcm")), *(p for p in [folder / "sr.dcm"]
-                                                      if p.is_file())]
 
 
 def send_stow(destination: Destination, files: list[Path]) -> int:
     """POST every file in one multipart/related request to ``<url>/studies``."""
     import httpx
 
-    boundary = f"flaircad-{uuid.uuid4().hex}"
-    chunks: list[bytes] = []
-    for path in files:
-        data = path.read_bytes()
-        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n"
-                   f"Content-Length: {len(data)}\r\n\r\n".encode(), data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
+    writer = MultipartWriter("application/dicom", boundary=f"flaircad-{uuid.uuid4().hex}")
+    body = writer.body(({"Content-Type": "application/dicom"}, path.read_bytes())
+                       for path in files)
     headers = {key: value.get_secret_value() for key, value in destination.headers.items()}
-    headers.update({"Content-Type": f'multipart/related; type="application/dicom"; '
-                                    f"boundary={boundary}",
-                    "Accept": "application/dicom+json"})
+    headers.update({"Content-Type": writer.content_type, "Accept": "application/dicom+json"})
     auth = None
     if destination.username is not None and destination.password is not None:
         auth = (destination.username, destination.password.get_secret_value())
     url = (destination.url or "").rstrip("/") + "/studies"
     try:
-        response = httpx.post(url, content=b"".join(chunks), headers=headers, auth=auth,
+        response = httpx.post(url, content=body, headers=headers, auth=auth,
                               timeout=destination.timeout_s, verify=destination.verify_tls)
     except httpx.HTTPError as error:
         raise DeliveryError(f"{type(error).__name__}: {error}"[:300]) from None
@@ -346,7 +141,7 @@ class DeliveryCollector(Collector):
     """``flaircad_result_delivery_states{destination, state}``: rows in the spool database (every
     process's), computed when scraped."""
 
-    def __init__(self, store: DeliveryStore) -> None:
+    def __init__(self, store: DeliveryRepository) -> None:
         self.store = store
 
     def describe(self) -> Iterable[Metric]:
@@ -372,7 +167,7 @@ class Forwarder:
     """Plans a delivery per destination when an analysis is done (:meth:`result_ready`, from
     any thread) and sends them from an asyncio task, in a thread per destination (at most 8)."""
 
-    def __init__(self, destinations: list[Destination], store: DeliveryStore,
+    def __init__(self, destinations: list[Destination], store: DeliveryRepository,
                  result_folder: Callable[[str], Path], owner: str,
                  owner_alive: Callable[[str | None], bool], *, calling_ae_title: str,
                  max_attempts: int, backoff_s: float, backoff_max_s: float,
@@ -439,7 +234,8 @@ class Forwarder:
 
     # -- internals ---------------------------------------------------------------------------
     def backoff(self, attempts: int) -> float:
-        delay = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, attempts - 1))
+        # 2.0: int ** int is Any to mypy (a negative exponent would make it a float)
+        delay = min(self.backoff_max_s, self.backoff_s * 2.0 ** max(0, attempts - 1))
         return delay * (1 + 0.1 * random.random())
 
     async def _run(self) -> None:
@@ -491,7 +287,8 @@ class Forwarder:
         extra = {"analysis_id": row.analysis_id, "destination": destination.name,
                  "kind": destination.kind, "attempt": attempts}
         try:
-            files = result_files(self._result_folder(row.analysis_id))
+            # the SC series, then the SR
+            files = ResultFolder(self._result_folder(row.analysis_id)).dicom_files()
             if not files:
                 raise DeliveryError("the result files are gone from the spool")
             if destination.kind == "stow":

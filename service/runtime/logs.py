@@ -29,6 +29,7 @@ import logging
 import re
 import time
 import traceback
+from types import TracebackType
 from typing import Any
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -56,7 +57,10 @@ def _trusted(name: str) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in TRUSTED_LOGGERS)
 
 
-def _frames(exc_info: Any) -> dict[str, Any]:
+_ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+
+
+def _frames(exc_info: _ExcInfo) -> dict[str, str | list[str]]:
     kind, _, tb = exc_info
     return {"type": getattr(kind, "__qualname__", str(kind)),
             "frames": [f"{frame.filename}:{frame.lineno} in {frame.name}"

@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.storage.sqlite import DATABASE
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -109,7 +111,7 @@ class SpoolCollector(Collector):
             relative = Path(entry).relative_to(self.root).parts
             if relative[0] in ("incoming", "uploads", "results"):
                 area = relative[0]
-            elif relative[0].startswith("flaircad.sqlite"):
+            elif relative[0].startswith(DATABASE):  # and its -wal, -shm
                 area = "database"
             else:
                 area = "other"

@@ -24,20 +24,20 @@ from service.core.config import Settings
 from service.core.limits import Limits
 from service.intake.dimse import DimseListener
 from service.runtime import audit
-from service.runtime.forward import DeliveryCollector, DeliveryStore, Forwarder
+from service.runtime.forward import DeliveryCollector, Forwarder
 from service.runtime.scheduler import Scheduler
+from service.storage.deliveries import DeliveryStore
 from service.storage.spool import SeriesKey, Spool
+from service.storage.sqlite import database_path
 
 log = logging.getLogger(__name__)
-
-DATABASE = "flaircad.sqlite"
 
 
 class PacsLink:
     def __init__(self, settings: Settings, spool: Spool, scheduler: Scheduler, *,
                  listen: bool | None = None) -> None:
         self.settings, self.spool, self.scheduler = settings, spool, scheduler
-        self.store = DeliveryStore(settings.spool_dir / DATABASE)
+        self.store = DeliveryStore(database_path(settings.spool_dir))
         self.forwarder = Forwarder(
             settings.destinations, self.store, spool.result_folder, scheduler.owner,
             spool.owner_alive, calling_ae_title=settings.dimse_ae_title,
@@ -100,7 +100,7 @@ async def run_standalone(settings: Settings) -> int:
     engine = Engine(settings.model_path, settings.providers)
     engine.warm_up()
     spool = Spool(settings.spool_dir)
-    store = AnalysisStore(settings.spool_dir / DATABASE)
+    store = AnalysisStore(database_path(settings.spool_dir))
     scheduler = Scheduler(settings, engine, spool, store)
     await scheduler.start()
     link = PacsLink(settings, spool, scheduler, listen=True)

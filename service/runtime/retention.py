@@ -14,11 +14,12 @@ finished (0: never). The sweep, run by every server process every
 3. its database row and its delivery rows (SQLite ``secure_delete`` overwrites them; the WAL is
    checkpointed and truncated after each sweep that deleted something).
 
-Results still waiting to be sent to a PACS (deliveries pending or in progress) are kept until
-they are sent or given up. The sweep also removes what crashed writers left behind: staging
-folders of results and request bodies in ``tmp/`` untouched for an hour. Each deletion is
-recorded in the audit trail (event ``retention``). Several processes may sweep at once: every
-step tolerates that the thing is already gone.
+The deleting itself is :mod:`service.storage.retention`'s (this module decides what and
+when, and audits it). Results still waiting to be sent to a PACS (deliveries pending or in
+progress) are kept until they are sent or given up. The sweep also removes what crashed
+writers left behind: staging folders of results and request bodies in ``tmp/`` untouched for
+an hour. Each deletion is recorded in the audit trail (event ``retention``). Several processes
+may sweep at once: every step tolerates that the thing is already gone.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
+from service.core.config import Settings
 from service.runtime.audit import AuditLog
+from service.storage import AnalysisRepository
+from service.storage import retention as storage_retention
 from service.storage.spool import SeriesKey, Spool
-from service.storage.store import AnalysisStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class SweepReport:
     stale: int = 0  # crashed writers' leftovers removed
 
 
-def sweep(settings: Any, spool: Spool, store: AnalysisStore, *, now: float | None = None,
+def sweep(settings: Settings, spool: Spool, store: AnalysisRepository, *, now: float | None = None,
           busy: Collection[SeriesKey] = (), audit: AuditLog | None = None) -> SweepReport:
     report = SweepReport()
     report.stale = spool.remove_stale(STALE_AFTER_S)
@@ -56,14 +58,7 @@ def sweep(settings: Any, spool: Spool, store: AnalysisStore, *, now: float | Non
     retention_s = settings.retention_hours * 3600
     cutoff = now - retention_s
     for record in store.expired(cutoff):
-        key = None
-        if record.source != "upload" and record.study_instance_uid and \
-                record.series_instance_uid:
-            try:
-                key = SeriesKey(record.study_instance_uid, record.series_instance_uid)
-                spool.series_folder(key)  # validates the UIDs
-            except ValueError:
-                key = None
+        key = storage_retention.input_series(spool, record)
         if key is not None and spool.series_files(key):
             age = spool.series_age_s(key)
             in_use = (key in busy or (age is not None and age < retention_s)
@@ -71,12 +66,8 @@ def sweep(settings: Any, spool: Spool, store: AnalysisStore, *, now: float | Non
             if in_use:
                 report.kept_for_input += 1
                 continue
-        spool.remove_result(record.id)
-        spool.remove_upload(record.id)
-        if key is not None and spool.series_folder(key).exists():
-            spool.remove_series(key)
+        if storage_retention.forget(spool, store, record, key):
             report.series += 1
-        store.delete(record.id)
         report.analyses.append(record.id)
         if audit is not None:
             outputs = (record.result or {}).get("outputs", {})

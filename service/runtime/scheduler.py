@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import shutil
 import sqlite3
@@ -47,8 +46,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from service.core.codes import Code
 from service.core.config import Settings
 from service.core.limits import Limits
 from service.pipeline.engine import Engine
@@ -57,6 +57,10 @@ from service.runtime.arrivals import ArrivalWindow, Hold
 from service.runtime.audit import trail
 from service.storage.spool import SeriesKey, Spool
 from service.storage.store import FINISHED, AnalysisStore, Record, Status
+
+if TYPE_CHECKING:  # the pipeline's analysis module is imported when the first job runs
+    from service.core.flair import RuleSet
+    from service.pipeline.analysis import Analysis
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ MAX_STARTS = 2
 class Saturated(Exception):
     """No new work now (HTTP 503 with Retry-After); ``code`` says why."""
 
-    code = "saturated"
+    code: Code = Code.SATURATED
 
     def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
         super().__init__(detail or f"the analysis queue is full; retry after {retry_after_s} s")
@@ -79,7 +83,7 @@ class SpoolFull(Saturated):
     """The spool's file system is past ``spool_max_fill``: no new data until the retention
     sweep (or an operator) frees space."""
 
-    code = "spool_full"
+    code = Code.SPOOL_FULL
 
     def __init__(self, retry_after_s: int, fill: float, limit: float) -> None:
         super().__init__(retry_after_s, f"the spool volume is {fill:.1%} full (limit "
@@ -91,7 +95,7 @@ class TooManyOpenSeries(Saturated):
     """The stability window holds ``FLAIRCAD_MAX_OPEN_SERIES`` series (or the sender its
     ``FLAIRCAD_MAX_OPEN_SERIES_PER_SENDER``): no new series until some are claimed."""
 
-    code = "too_many_open_series"
+    code = Code.TOO_MANY_OPEN_SERIES
 
     def __init__(self, retry_after_s: int, limit: int, per_sender: int) -> None:
         super().__init__(retry_after_s, "too many series are being received (at most "
@@ -101,7 +105,7 @@ class TooManyOpenSeries(Saturated):
 
 
 class Draining(Saturated):
-    code = "draining"
+    code = Code.DRAINING
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(retry_after_s, "the service is shutting down; retry after "
@@ -135,11 +139,6 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-def result_urls(analysis_id: str) -> dict[str, str]:
-    return {"instances_url": f"/v1/analyses/{analysis_id}/instances",
-            "preview_url": f"/v1/analyses/{analysis_id}/preview.png"}
-
-
 def client_label(path: Path) -> str:
     """How a client knows one of its inputs: an upload's part by its place in the request
     (files are stored as 00000.dcm, 00001.dcm, …), a received instance by its SOP UID."""
@@ -156,14 +155,22 @@ def client_text(text: str, files: list[Path], spool_root: Path) -> str:
         str(spool_root), "<spool>")
 
 
+class Analyse(Protocol):
+    """How the scheduler runs one analysis: :func:`service.pipeline.analysis.analyse`, or a
+    test's stand-in."""
+
+    def __call__(self, sources: list[Path], engine: Engine, *, rules: RuleSet | None,
+                 accept_non_flair: bool, limits: Limits, explanation: str) -> Analysis: ...
+
+
 class Scheduler:
     def __init__(self, settings: Settings, engine: Engine, spool: Spool, store: AnalysisStore,
-                 analyse: Callable[..., Any] | None = None) -> None:
+                 analyse: Analyse | None = None) -> None:
         self.settings, self.engine, self.spool, self.store = settings, engine, spool, store
         if analyse is None:
             from service.pipeline.analysis import analyse as default_analyse
             analyse = default_analyse
-        self._analyse = analyse
+        self._analyse: Analyse = analyse
         # Unbounded underneath: the bound is enforced on new work only, so that restart recovery
         # can re-queue everything that was accepted before.
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -179,7 +186,7 @@ class Scheduler:
         self._drain_deadline: float | None = None
         self._drain_reported = False
         self._lease = spool.acquire_lease()
-        self._rules: Any = None
+        self._rules: RuleSet | None = None
         # called with the id of every analysis that ends DONE, in its worker thread (results
         # sent to the PACS: service/runtime/pacs.py)
         self.result_hooks: list[Callable[[str], None]] = []
@@ -368,7 +375,7 @@ class Scheduler:
                          extra={"analysis_id": record.id, "attempts": record.attempts})
             else:
                 self._finish(record, Status.FAILED, problem={
-                    "code": "input_lost", "detail": "the spooled input is gone"})
+                    "code": Code.INPUT_LOST, "detail": "the spooled input is gone"})
         return taken
 
     def _give_up(self, record: Record) -> None:
@@ -377,15 +384,14 @@ class Scheduler:
                   extra={"analysis_id": record.id, "attempts": record.attempts})
         metrics.SERIES_ANALYSED.labels(outcome="failed").inc()
         final, recorded = self._finish(record, Status.FAILED, problem={
-            "code": "crashed_twice",
+            "code": Code.CRASHED_TWICE,
             "detail": f"the service process ended while running this analysis "
                       f"{record.attempts} times (out of memory, say); it is not tried again"})
         if recorded:
             self._after_finish(final)
 
     def _remove_staging(self, analysis_id: str) -> None:
-        for folder in self.spool.results.glob(f".staging-{analysis_id}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
+        self.spool.result_folders.remove_staging(analysis_id)
 
     async def _sweep_retention(self) -> None:
         """Expired analyses, their results and inputs go (service/runtime/retention.py); the first
@@ -497,7 +503,8 @@ class Scheduler:
             logs.ANALYSIS_ID.reset(analysis_token)
 
     def _run_logged(self, job: _Job, waited_s: float) -> Record:
-        from service.pipeline.analysis import AnalysisRejected, write_outputs
+        from service.pipeline.analysis import AnalysisRejected
+        from service.storage import results  # looked up per call: tests replace write_outputs
 
         record = job.record
         started = time.perf_counter()
@@ -518,12 +525,12 @@ class Scheduler:
             # Written aside and renamed into place, then marked done: a crash at any point
             # leaves no half result visible, and the analysis runs again after the restart.
             staging = self.spool.staging_folder(record.id)
-            write_outputs(analysis, staging)
+            results.write_outputs(analysis, staging)
             result = analysis.to_json()
             result.update({"analysis_id": record.id, "status": str(Status.DONE)})
-            result.setdefault("outputs", {}).update(result_urls(record.id))
+            # ids only: the API makes the URLs of the outputs (service.api.analyses.view)
             result["warnings"] = [*result.get("warnings", []), *conflicts]
-            (staging / "result.json").write_text(json.dumps(result, indent=2))
+            results.ResultFolder(staging).write_result(result)
             self.spool.publish_result(staging, record.id)
             staging = None  # it is the result folder now
         except AnalysisRejected as rejected:
@@ -566,10 +573,10 @@ class Scheduler:
         """The problem of a failed analysis: why, in words the client can have."""
         detail = client_text(f"{type(error).__name__}: {error}", files, self.spool.root)
         if _disk_full(error):
-            return {"code": "spool_full", "detail": f"no space left in the spool: {detail}"}
+            return {"code": Code.SPOOL_FULL, "detail": f"no space left in the spool: {detail}"}
         if writing and isinstance(error, OSError):
-            return {"code": "result_write_failed", "detail": detail}
-        return {"code": "analysis_failed", "detail": detail}
+            return {"code": Code.RESULT_WRITE_FAILED, "detail": detail}
+        return {"code": Code.ANALYSIS_FAILED, "detail": detail}
 
     def _finish(self, record: Record, status: Status, **fields: Any) -> tuple[Record, bool]:
         """Record how an analysis ended; the record, and whether the database took it. When

@@ -5,7 +5,7 @@ Layout under the spool root::
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   (STOW-RS, C-STORE)
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/conflicts      (refused different copies)
     uploads/<analysis id>/<n>.dcm                                          (/v1/analyses)
-    results/<analysis id>/…                                                (SC, SR, preview)
+    results/<analysis id>/…                  (SC, SR, preview: service.storage.results)
     results/.staging-<analysis id>-<random>/…               (a result being written, see below)
     tmp/<random>/<n>.part               (request bodies as they stream in, before they are read)
     owners/<process token>.lock                  (held by each live server process: leases)
@@ -34,6 +34,11 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from service.storage.results import ResultFolder, ResultFolders, fsync_file
+
+__all__ = ["Lease", "SeriesKey", "Spool", "StoreOutcome", "digest", "file_digest",
+           "fsync_file", "safe_uid", "write_atomically"]
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -69,15 +74,6 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync_file(path.parent)
 
 
-def fsync_file(path: Path) -> None:
-    """fsync a file, or a folder (which makes its renames durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -109,6 +105,7 @@ class Spool:
         self.incoming = root / "incoming"
         self.uploads = root / "uploads"
         self.results = root / "results"
+        self.result_folders = ResultFolders(self.results)
         self.owners = root / "owners"
         self.tmp = root / "tmp"
         for folder in (self.incoming, self.uploads, self.results, self.owners, self.tmp):
@@ -202,32 +199,25 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    # -- results: the layout is service.storage.results' ------------------------------------
+    def result(self, analysis_id: str) -> ResultFolder:
+        """The result folder of an analysis (it need not exist)."""
+        return self.result_folders.of(analysis_id)
+
     def result_folder(self, analysis_id: str) -> Path:
-        return self.results / analysis_id
+        return self.result(analysis_id).path
 
     def staging_folder(self, analysis_id: str) -> Path:
         """An empty folder to write a result into before :meth:`publish_result`."""
-        folder = self.results / f".staging-{analysis_id}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir(parents=True)
-        return folder
+        return self.result_folders.staging(analysis_id).path
 
     def publish_result(self, staging: Path, analysis_id: str) -> Path:
-        """Make a staged result durable and visible at once: fsync every file and folder in
-        it, then rename it to ``results/<analysis id>`` (replacing the remains of an earlier
-        attempt, which no reader could see: its analysis was never marked done)."""
-        for folder, _, files in os.walk(staging):
-            for name in files:
-                fsync_file(Path(folder) / name)
-            fsync_file(Path(folder))
-        target = self.result_folder(analysis_id)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        fsync_file(self.results)
-        return target
+        """Make a staged result durable and visible at once
+        (:meth:`service.storage.results.ResultFolders.publish`)."""
+        return self.result_folders.publish(staging, analysis_id).path
 
     def remove_result(self, analysis_id: str) -> None:
-        shutil.rmtree(self.result_folder(analysis_id), ignore_errors=True)
+        self.result_folders.remove(analysis_id)
 
     def remove_series(self, key: SeriesKey) -> None:
         """Delete a spooled series: renamed away first (atomic), so that a store racing with
@@ -253,7 +243,7 @@ class Spool:
         in which nothing was written for ``max_age_s``, and the lock files of dead owners
         (:meth:`remove_dead_owner_locks`). Returns how many were removed."""
         now, removed = time.time(), self.remove_dead_owner_locks()
-        candidates = [*self.tmp.iterdir(), *self.results.glob(".staging-*")]
+        candidates = [*self.tmp.iterdir(), *self.result_folders.staging_folders()]
         for folder in candidates:
             try:
                 if not folder.is_dir() or now - _newest_mtime(folder) < max_age_s:

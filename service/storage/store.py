@@ -1,7 +1,8 @@
 """Analyses and their results, in SQLite (WAL): survives restarts, one writer at a time.
 
 The row holds what ``GET /v1/analyses/{id}`` returns; the DICOM outputs themselves live in the
-spool's ``results/<id>/`` folder.
+spool's ``results/<id>/`` folder (:mod:`service.storage.results`). The database file, its
+pragmas and schema are :mod:`service.storage.sqlite`'s.
 
 Several server processes share one database (``flaircad serve --workers N``). Each row names
 its ``owner``, the lease token of the process that queued it (:meth:`service.storage.spool.Spool.
@@ -23,6 +24,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from service.storage import deliveries
+from service.storage.sqlite import connect
+
 
 class Status(StrEnum):
     QUEUED = "queued"
@@ -34,29 +38,9 @@ class Status(StrEnum):
 
 FINISHED = (Status.DONE, Status.REJECTED, Status.FAILED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS analyses (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    source TEXT NOT NULL,
-    study_instance_uid TEXT,
-    series_instance_uid TEXT,
-    fingerprint TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    result TEXT,
-    problem TEXT,
-    owner TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS analyses_study ON analyses (study_instance_uid);
-CREATE INDEX IF NOT EXISTS analyses_series ON analyses (series_instance_uid, fingerprint);
-"""
 # explicit, so that a database whose owner or attempts column was added later reads the same
 _COLUMNS = ("id, status, source, study_instance_uid, series_instance_uid, fingerprint, created, "
             "updated, result, problem, owner, attempts")
-# columns added after the first release, for databases made before them
-_ADDED_COLUMNS = {"owner": "owner TEXT", "attempts": "attempts INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -75,28 +59,10 @@ class Record:
     attempts: int = 0  # how often a run of it started (:meth:`AnalysisStore.start`)
 
 
-def connect(path: Path, schema: str) -> sqlite3.Connection:
-    """A connection to the spool database as every table in it needs it: WAL, durable commits,
-    and deleted rows (retention) overwritten rather than left readable in free pages."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # other processes may hold the write lock for a moment: wait rather than fail
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA secure_delete=ON")
-    db.executescript(schema)
-    return db
-
-
 class AnalysisStore:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = connect(path, _SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(analyses)")}
-        for name, definition in _ADDED_COLUMNS.items():
-            if name not in columns:  # a database from before leases or start counts
-                with contextlib.suppress(sqlite3.OperationalError):  # another process added it
-                    self._db.execute(f"ALTER TABLE analyses ADD COLUMN {definition}")
+        self._db = connect(path)  # schema and migrations: service.storage.sqlite
 
     def close(self) -> None:
         with self._lock:
@@ -169,22 +135,14 @@ class AnalysisStore:
         assert record is not None
         return record, True
 
-    # -- retention (service/runtime/retention.py) -------------------------------------------------
-    def _has_table(self, name: str) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                                (name,)).fetchone() is not None
-
+    # -- retention (the sweep: service/runtime/retention.py) ------------------------------------
     def expired(self, before: float, limit: int = 500) -> list[Record]:
         """Finished analyses last updated before ``before`` whose results are not still
-        waiting to be sent to a PACS (table ``deliveries``, service/runtime/forward.py)."""
+        waiting to be sent to a PACS (:func:`service.storage.deliveries.undelivered`)."""
         with self._lock:
-            pending = ""
-            if self._has_table("deliveries"):
-                pending = (" AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE "
-                           "d.analysis_id = analyses.id AND d.state IN ('pending', 'sending'))")
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM analyses WHERE status IN (?, ?, ?) AND updated < ?"
-                f"{pending} ORDER BY updated LIMIT ?",
+                f" AND NOT {deliveries.undelivered('analyses.id')} ORDER BY updated LIMIT ?",
                 (*FINISHED, before, limit)).fetchall()
         return [_record(row) for row in rows]
 
@@ -205,9 +163,7 @@ class AnalysisStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if self._has_table("deliveries"):
-                    self._db.execute("DELETE FROM deliveries WHERE analysis_id=?",
-                                     (analysis_id,))
+                deliveries.forget(self._db, analysis_id)
                 self._db.execute("DELETE FROM analyses WHERE id=?", (analysis_id,))
                 self._db.execute("COMMIT")
             except BaseException:
