@@ -75,7 +75,8 @@ class ServerProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items()
                if not key.startswith("FLAIRCAD_") and key != "PROMETHEUS_MULTIPROC_DIR"}
-        # authentication has its own tests (tests/test_security.py, tests/test_reliability.py)
+        # authentication has its own tests (tests/integration/test_security.py,
+        # tests/integration/test_reliability.py)
         env.update({"FLAIRCAD_SPOOL_DIR": str(self.folder / "spool"),
                     "FLAIRCAD_HOST": "127.0.0.1", "FLAIRCAD_PORT": str(self.port),
                     "FLAIRCAD_AUTH_DISABLED": "true"})

@@ -1,6 +1,6 @@
 """Write the app's OpenAPI document: ``python -m service.api.openapi > openapi.yaml``.
 
-``tests/test_openapi.py`` fails when the committed ``openapi.yaml`` drifts from the app."""
+``tests/unit/test_openapi.py`` fails when the committed ``openapi.yaml`` drifts from the app."""
 
 from __future__ import annotations
 

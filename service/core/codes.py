@@ -4,7 +4,7 @@ Clients switch on these strings (``Skipped.code``, a rejection's ``code``, the p
 ``code``, STOW-RS failure reasons in the metrics, an analysis' ``problem.code``): the values are
 stable. Each member carries its :class:`Kind` and a one-line ``description``; there is no
 parallel table to keep in step. The README's code table lists the members of the input kinds
-(skip, reject, warning) with exactly these descriptions (``tests/test_codes.py`` checks it).
+(skip, reject, warning) with exactly these descriptions (``tests/unit/test_codes.py`` checks it).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ how each parses (:class:`ModelInfo`), the preprocessing parameters (:class:`Prep
 run by :mod:`service.core.preprocess`), the explanation maps a model offers and the training
 checkpoint's format (:class:`CheckpointKey`). The export imports these names to build the
 graph; the engine imports them to check a model file before it serves it. Nothing else spells
-them out (``tests/test_contract.py`` checks it).
+them out (``tests/unit/test_contract.py`` checks it).
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ TOO_MANY_INSTANCES = Code.TOO_MANY_INSTANCES
 # its intensity-scaled copy (4) with the resize's temporaries while preprocessing; the volume
 # (4), the CAM on the source grid (4), the 8-bit window (1) and the RGB overlays (3) while
 # rendering. The constants round that up by ~15 %, so that the estimate is not optimistic
-# (tests/test_memory_limits.py measures it); the base covers the model run and the outputs'
-# fixed costs (a 24 × 256² series grows RSS by ~41 MiB).
+# (tests/integration/test_memory_limits.py measures it); the base covers the model run and
+# the outputs' fixed costs (a 24 × 256² series grows RSS by ~41 MiB).
 ANALYSIS_BYTES_PER_VOXEL = 16
 ANALYSIS_BASE_BYTES = 64 * 1024**2
 # FLAIRCAD_ANALYSIS_MEMORY_BYTES, the default: sized for the shipped pod (k8s/base, 4 GiB

@@ -169,7 +169,7 @@ def read_instance(source: Source, name: str | None = None) -> Instance | Skipped
         outcome = _admit(ds, label, has_prefix, eof_warning, head)
         if isinstance(outcome, Instance):
             _drop_private_blobs(outcome.dataset)
-    except Exception as error:  # found by tests/test_fuzz.py: e.g. a mangled VR
+    except Exception as error:  # found by tests/unit/test_fuzz.py: e.g. a mangled VR
         return Skipped(Code.CORRUPT, f"{type(error).__name__}: {error}", label)
     return outcome
 

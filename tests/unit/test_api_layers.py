@@ -11,7 +11,7 @@ from typing import Any
 from service.api.analyses import result_urls, view
 from service.storage.store import Record, Status
 
-API = Path(__file__).resolve().parents[1] / "service" / "api"
+API = Path(__file__).resolve().parents[2] / "service" / "api"
 OUTPUTS = {"secondary_capture_series_instance_uid": "1.2.3", "sr_sop_instance_uid": "1.2.4",
            "sr_series_instance_uid": "1.2.5"}
 

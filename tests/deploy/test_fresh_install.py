@@ -29,11 +29,11 @@ import pytest
 from tests import _server
 from tests._server import ServerProcess, free_port
 from tests.conftest import PhantomFactory, require
-from tests.test_forward import StowReceiver
+from tests.integration.test_forward import StowReceiver
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FLAIRCAD_TEST_CACHE")
              or Path.home() / ".cache" / "flaircad-tests")
 # what `pip install .` reads: the metadata and the packages (pyproject.toml [tool.setuptools])

@@ -104,7 +104,7 @@ def test_a_lease_is_held_while_its_process_lives(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LEASE, str(tmp_path)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+                              cwd=Path(__file__).resolve().parents[2])
     try:
         assert holder.stdout is not None
         token = holder.stdout.readline().strip()

@@ -41,7 +41,7 @@ from service.runtime.scheduler import Scheduler
 from service.storage.spool import Spool
 from service.storage.store import AnalysisStore, Status
 from tests.conftest import PhantomFactory
-from tests.test_sc_sr import CAM_GRID, OOD_THRESHOLD, FakeEngine
+from tests.integration.test_sc_sr import CAM_GRID, OOD_THRESHOLD, FakeEngine
 
 LABELS = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM", "attention": "attention"}
 PEAKS = {"hirescam": (6, 5, 5), "gradcam": (12, 10, 10), "attention": (18, 7, 11)}

@@ -58,7 +58,7 @@ def _start(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, Server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # authentication has its own tests (tests/test_security.py)
+    # authentication has its own tests (tests/integration/test_security.py)
     settings = Settings(spool_dir=tmp_path_factory.mktemp("spool"), stability_window_s=0.5,
                         max_upload_bytes=64 * 1024**2, auth_disabled=True)
     uv, thread, handle = _start(settings)

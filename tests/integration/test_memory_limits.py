@@ -30,7 +30,7 @@ from service.core.reading import iter_folder
 from service.pipeline.analysis import AnalysisRejected, analyse
 from tests.conftest import PhantomFactory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 2**20
 # What the server process holds before any analysis (issue 13 measured 376 MiB), and what the
 # pod needs besides the analyses (request bodies, responses, allocator slack).

@@ -27,9 +27,9 @@ from service.storage.spool import Spool
 from service.storage.store import AnalysisStore, Record, Status
 from tests._pacs import Flaircad, flaircad_settings, free_port, wait_until
 from tests.conftest import PhantomFactory
-from tests.test_forward import SLICES, StowReceiver, _analyse
+from tests.integration.test_forward import SLICES, StowReceiver, _analyse
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Engine:

@@ -25,7 +25,7 @@ from service.pipeline.analysis import AnalysisRejected, analyse
 from service.pipeline.engine import Engine
 from service.pipeline.overlay import cam_to_source
 from tests.conftest import PhantomFactory
-from tests.test_sc_sr import FakeEngine
+from tests.integration.test_sc_sr import FakeEngine
 
 FLAIRCAD = Path(sys.executable).with_name("flaircad")
 

@@ -829,7 +829,7 @@ def test_lesion_seg_on_other_grids_and_shifts(tmp_path: Path) -> None:
 def test_lesion_seg_passes_dciodvfy(lesion_seg: tuple[list[Path], SeriesTruth, Path],
                                     tmp_path: Path) -> None:
     require(shutil.which("dciodvfy"), "dciodvfy is not on PATH (apt-get install dicom3tools)")
-    from tests.test_sc_sr import dciodvfy  # the suite's one dciodvfy runner
+    from tests.integration.test_sc_sr import dciodvfy  # the suite's one dciodvfy runner
 
     _, _, seg_path = lesion_seg
     mass_paths, mass_truth = write_dicom_series("cSVD", 2, tmp_path / "series",
@@ -879,7 +879,7 @@ def test_cli_phantom_writes_the_lesion_seg_beside_the_series(
 # are reproducible (UIDs derive from label and seed, dates are fixed), so their bytes are
 # pinned too. Float rendering can differ in the last bit with another numpy, pydicom or
 # highdicom, so the pin holds for the versions it was recorded with; after an upgrade that
-# legitimately changes the output, print the new values with `python -m tests.test_phantoms`.
+# legitimately changes the output, print the new values with `python -m tests.unit.test_phantoms`.
 PINNED_WITH = {"numpy": "2.4.6", "pydicom": "3.0.2", "highdicom": "0.28.2", "avx512f": True}
 PINNED = {
     "axial_ms3": {
