@@ -20,7 +20,7 @@ EXPORT_CHECK = range(900_000, 901_000)
 CLASSIFIER = range(1_000_000, 2_000_000)
 # Held-out phantoms the evaluation scores (model_export.evaluate), one block per cohort.
 EVALUATION = range(5_000_000, 6_000_000)
-# Held-out phantoms the bundled-model tests score (tests/test_analyze.py and friends).
+# Held-out phantoms the bundled-model tests score (tests/integration/test_analyze.py and friends).
 HELD_OUT_TESTS = range(7_000_000, 7_100_000)
 # Backbone pretraining on lesion descriptors: (PRETRAIN_BLOCK + run_seed) * 100_000 + i.
 PRETRAIN = range(9_000_000, 10_000_000)

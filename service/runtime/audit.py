@@ -53,9 +53,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from service.core.config import Settings
+
+if TYPE_CHECKING:
+    from service.storage.store import Record
 
 log = logging.getLogger(__name__)
 
@@ -300,3 +303,16 @@ def trail(settings: Settings) -> AuditLog:
         else:
             _trails[path].configure(**bounds)
         return _trails[path]
+
+
+def audit_finished(audit: AuditLog, record: Record) -> None:
+    """The ``analysis`` event of a finished analysis: status, prediction, result UIDs."""
+    outputs = (record.result or {}).get("outputs", {})
+    audit.write(
+        "analysis", analysis_id=record.id, source=record.source, status=str(record.status),
+        study_instance_uid=record.study_instance_uid,
+        series_instance_uid=record.series_instance_uid,
+        prediction=(record.result or {}).get("prediction"),
+        problem=(record.problem or {}).get("code"),
+        sc_series_instance_uid=outputs.get("secondary_capture_series_instance_uid"),
+        sr_sop_instance_uid=outputs.get("sr_sop_instance_uid"))

@@ -14,19 +14,22 @@ finished (0: never). The sweep, run by every server process every
 3. its database row and its delivery rows (SQLite ``secure_delete`` overwrites them; the WAL is
    checkpointed and truncated after each sweep that deleted something).
 
-The deleting itself is :mod:`service.storage.retention`'s (this module decides what and
-when, and audits it). Results still waiting to be sent to a PACS (deliveries pending or in
-progress) are kept until they are sent or given up. The sweep also removes what crashed
-writers left behind: staging folders of results and request bodies in ``tmp/`` untouched for
-an hour. Each deletion is recorded in the audit trail (event ``retention``). Several processes
-may sweep at once: every step tolerates that the thing is already gone.
+Each server process sweeps in :func:`sweep_forever` (started by the scheduler); the first sweep
+runs at start, which also clears what a crash left behind. The deleting itself is
+:mod:`service.storage.retention`'s (this module decides what and when, and audits it). Results
+still waiting to be sent to a PACS (deliveries pending or in progress) are kept until they are
+sent or given up. The sweep also removes what crashed writers left behind: staging folders of
+results and request bodies in ``tmp/`` untouched for an hour. Each deletion is recorded in the
+audit trail (event ``retention``). Several processes may sweep at once: every step tolerates
+that the thing is already gone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from service.core.config import Settings
@@ -84,3 +87,16 @@ def sweep(settings: Settings, spool: Spool, store: AnalysisRepository, *, now: f
                                            "series_deleted": report.series,
                                            "kept_for_input": report.kept_for_input})
     return report
+
+
+async def sweep_forever(settings: Settings, spool: Spool, store: AnalysisRepository, *,
+                        busy: Callable[[], Collection[SeriesKey]],
+                        audit: AuditLog | None = None) -> None:
+    """:func:`sweep` now and every ``retention_sweep_interval_s``, in a thread; ``busy``: the
+    series in this process' stability window, asked each time."""
+    while True:
+        try:
+            await asyncio.to_thread(sweep, settings, spool, store, busy=busy(), audit=audit)
+        except Exception:  # the database busy, a file system hiccup: next time
+            log.exception("retention sweep failed")
+        await asyncio.sleep(settings.retention_sweep_interval_s)

@@ -23,50 +23,46 @@
 * Draining (SIGTERM): no new work is accepted (:class:`Draining`, HTTP 503), queued and running
   analyses go on until the queue is empty or the grace period is over; what is left stays
   ``queued``/``running`` in the store and resumes on the next start.
-* Every accepted analysis ends ``done``, ``rejected`` or ``failed`` with a reason code, also
-  when the disk fills while its result is written (``spool_full``, ``result_write_failed``;
-  the staging folder goes first). When the database refuses even that write, the outcome is
-  kept in memory and written by the orphan sweep. A run is counted in the store before it
-  starts: an analysis whose process died while running it :data:`MAX_STARTS` times (out of
-  memory, say) is not resumed again but fails (``crashed_twice``).
+
+This module is the queue, the window and the lease (with start, drain and stop). The rest
+lives beside it: the run of one analysis and how it is recorded in :mod:`service.runtime.runs`
+(over :mod:`service.pipeline.runner`: every accepted analysis ends ``done``, ``rejected`` or
+``failed`` with a reason code), taking over the analyses of dead processes and
+:data:`MAX_STARTS` in :mod:`service.runtime.orphans`, the retention loop in
+:mod:`service.runtime.retention`, the ``analysis`` audit event in :mod:`service.runtime.audit`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import errno
 import logging
-import shutil
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from service.core.codes import Code
 from service.core.config import Settings
 from service.core.limits import Limits
 from service.pipeline.engine import Engine
+from service.pipeline.runner import Analyse, Runner
 from service.runtime import logs, metrics, retention
 from service.runtime.arrivals import ArrivalWindow, Hold
 from service.runtime.audit import trail
+from service.runtime.orphans import MAX_STARTS, Orphans
+from service.runtime.runs import Job, Runs, SpoolResults
 from service.storage.spool import SeriesKey, Spool
-from service.storage.store import FINISHED, AnalysisStore, Record, Status
+from service.storage.store import AnalysisStore, Record
 
-if TYPE_CHECKING:  # the pipeline's analysis module is imported when the first job runs
+if TYPE_CHECKING:
     from service.core.flair import RuleSet
-    from service.pipeline.analysis import Analysis
+
+__all__ = ["MAX_STARTS", "Analyse", "Draining", "Saturated", "Scheduler", "SpoolFull",
+           "TooManyOpenSeries"]
 
 log = logging.getLogger(__name__)
-
-# An analysis started this often without finishing killed its process each time (the OOM
-# killer, say): resuming it again would crash-loop the service.
-MAX_STARTS = 2
 
 
 class Saturated(Exception):
@@ -112,57 +108,6 @@ class Draining(Saturated):
                          f"{retry_after_s} s (another instance may take it)")
 
 
-@dataclass
-class _Job:
-    record: Record
-    files: list[Path]
-    done: asyncio.Future[Record]
-    enqueued: float
-    request_id: str | None = None
-
-
-@dataclass
-class _Unrecorded:
-    """How an analysis ended, when the database refused to record it: retried later."""
-
-    record: Record
-    status: Status
-    fields: dict[str, Any]
-
-
-def _disk_full(error: BaseException) -> bool:
-    """No space left: on the spool's file system (ENOSPC, EDQUOT) or in SQLite."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(error, sqlite3.Error):
-        return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
-    return False
-
-
-def client_label(path: Path) -> str:
-    """How a client knows one of its inputs: an upload's part by its place in the request
-    (files are stored as 00000.dcm, 00001.dcm, …), a received instance by its SOP UID."""
-    stem = Path(path).stem
-    return f"part {int(stem) + 1}" if stem.isdigit() else f"instance {stem}"
-
-
-def client_text(text: str, files: list[Path], spool_root: Path) -> str:
-    """``text`` with every server path of ``files`` replaced by its :func:`client_label`, and
-    any other path under the spool cut to ``<spool>``."""
-    for path in sorted(files, key=lambda p: len(str(p)), reverse=True):
-        text = text.replace(str(path), client_label(path))
-    return text.replace(str(Path(spool_root).resolve()), "<spool>").replace(
-        str(spool_root), "<spool>")
-
-
-class Analyse(Protocol):
-    """How the scheduler runs one analysis: :func:`service.pipeline.analysis.analyse`, or a
-    test's stand-in."""
-
-    def __call__(self, sources: list[Path], engine: Engine, *, rules: RuleSet | None,
-                 accept_non_flair: bool, limits: Limits, explanation: str) -> Analysis: ...
-
-
 class Scheduler:
     def __init__(self, settings: Settings, engine: Engine, spool: Spool, store: AnalysisStore,
                  analyse: Analyse | None = None) -> None:
@@ -170,10 +115,9 @@ class Scheduler:
         if analyse is None:
             from service.pipeline.analysis import analyse as default_analyse
             analyse = default_analyse
-        self._analyse: Analyse = analyse
         # Unbounded underneath: the bound is enforced on new work only, so that restart recovery
         # can re-queue everything that was accepted before.
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=settings.workers,
                                             thread_name_prefix="analysis")
         self.arrivals = ArrivalWindow(settings.max_open_series,
@@ -186,34 +130,41 @@ class Scheduler:
         self._drain_deadline: float | None = None
         self._drain_reported = False
         self._lease = spool.acquire_lease()
-        self._rules: RuleSet | None = None
-        # called with the id of every analysis that ends DONE, in its worker thread (results
-        # sent to the PACS: service/runtime/pacs.py)
-        self.result_hooks: list[Callable[[str], None]] = []
-        # outcomes the database refused (disk full, busy): the orphan sweep writes them
-        self._unrecorded: dict[str, _Unrecorded] = {}
-        self._unrecorded_lock = threading.Lock()
-        self._limits = Limits.of(settings)
         self._audit = trail(settings)
+        rules: RuleSet | None = None
         if settings.flair_rules is not None:
             from service.core.flair import load_rules
-            self._rules = load_rules(settings.flair_rules)
+            rules = load_rules(settings.flair_rules)
+        runner = Runner(analyse, engine, SpoolResults(spool), spool.root, rules=rules,
+                        accept_non_flair=settings.accept_non_flair, limits=Limits.of(settings),
+                        explanation=settings.explanation)
+        self.runs = Runs(runner, spool, store, self._audit)
+        self.orphans = Orphans(spool, store, self.owner, self.runs,
+                               lambda record, files: self._enqueue(record, files, force=True))
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def owner(self) -> str:
         return self._lease.token
 
+    @property
+    def result_hooks(self) -> list[Callable[[str], None]]:
+        """Called with the id of every analysis that ends DONE, in its worker thread (results
+        sent to the PACS: service/runtime/pacs.py)."""
+        return self.runs.result_hooks
+
     async def start(self) -> None:
-        self._take_over_orphans()
+        self.orphans.take_over()
         now = time.monotonic()
         for key in self.spool.pending_series():
             self._arriving.setdefault(key, now)
         metrics.SERIES_ARRIVING.set(len(self._arriving))
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
         self._tasks.append(asyncio.create_task(self._watch_stable_series()))
-        self._tasks.append(asyncio.create_task(self._sweep_orphans()))
-        self._tasks.append(asyncio.create_task(self._sweep_retention()))
+        self._tasks.append(asyncio.create_task(self.orphans.sweep_forever(
+            self.settings.orphan_sweep_interval_s, lambda: self._draining)))
+        self._tasks.append(asyncio.create_task(retention.sweep_forever(
+            self.settings, self.spool, self.store, busy=self.arrivals.keys, audit=self._audit)))
 
     def begin_drain(self) -> None:
         if not self._draining:
@@ -333,18 +284,10 @@ class Scheduler:
         return self._enqueue(record, files)
 
     # -- internals ---------------------------------------------------------------------------
-    def _files_of(self, record: Record) -> list[Path]:
-        if record.source == "upload":
-            return sorted(self.spool.upload_folder(record.id).glob("*.dcm"))
-        if record.study_instance_uid and record.series_instance_uid:
-            return self.spool.series_files(
-                SeriesKey(record.study_instance_uid, record.series_instance_uid))
-        return []
-
     def _enqueue(self, record: Record, files: list[Path], force: bool = False
                  ) -> asyncio.Future[Record]:
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        job = _Job(record, files, future, time.monotonic(), logs.REQUEST_ID.get())
+        job = Job(record, files, future, time.monotonic(), logs.REQUEST_ID.get())
         if not force:
             self.check_capacity()
         self._queue.put_nowait(job)
@@ -352,72 +295,6 @@ class Scheduler:
         log.info("analysis queued", extra={"analysis_id": record.id, "source": record.source,
                                            "queue_depth": self._queue.qsize()})
         return future
-
-    def _take_over_orphans(self) -> int:
-        """Queue the unfinished analyses whose owner process is gone (all of them at start,
-        when this is the only process); fail those that were started :data:`MAX_STARTS`
-        times already, each time without finishing."""
-        taken = 0
-        for record in self.store.unfinished():
-            if record.owner == self.owner or self.spool.owner_alive(record.owner):
-                continue
-            if not self.store.take_over(record.id, record.owner, self.owner):
-                continue  # another process was quicker
-            taken += 1
-            self._remove_staging(record.id)  # what its dead owner was writing
-            if record.attempts >= MAX_STARTS:
-                self._give_up(record)
-                continue
-            files = self._files_of(record)
-            if files:
-                self._enqueue(record, files, force=True)
-                log.info("analysis taken over from a process that is gone",
-                         extra={"analysis_id": record.id, "attempts": record.attempts})
-            else:
-                self._finish(record, Status.FAILED, problem={
-                    "code": Code.INPUT_LOST, "detail": "the spooled input is gone"})
-        return taken
-
-    def _give_up(self, record: Record) -> None:
-        """An analysis that killed its process every time it ran fails for good."""
-        log.error("analysis ended its process each time it ran: failed, not resumed",
-                  extra={"analysis_id": record.id, "attempts": record.attempts})
-        metrics.SERIES_ANALYSED.labels(outcome="failed").inc()
-        final, recorded = self._finish(record, Status.FAILED, problem={
-            "code": Code.CRASHED_TWICE,
-            "detail": f"the service process ended while running this analysis "
-                      f"{record.attempts} times (out of memory, say); it is not tried again"})
-        if recorded:
-            self._after_finish(final)
-
-    def _remove_staging(self, analysis_id: str) -> None:
-        self.spool.result_folders.remove_staging(analysis_id)
-
-    async def _sweep_retention(self) -> None:
-        """Expired analyses, their results and inputs go (service/runtime/retention.py); the first
-        sweep runs at start, which also clears what a crash left behind."""
-        while True:
-            try:
-                await asyncio.to_thread(retention.sweep, self.settings, self.spool, self.store,
-                                        busy=self.arrivals.keys(), audit=self._audit)
-            except Exception:  # the database busy, a file system hiccup: next time
-                log.exception("retention sweep failed")
-            await asyncio.sleep(self.settings.retention_sweep_interval_s)
-
-    async def _sweep_orphans(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.orphan_sweep_interval_s)
-            if self._unrecorded:  # also while draining: these analyses have ended
-                try:
-                    await asyncio.to_thread(self._record_late)
-                except Exception:
-                    log.exception("cannot record the outcomes of ended analyses")
-            if self._draining:
-                continue
-            try:
-                self._take_over_orphans()
-            except Exception:  # the database busy for 30 s, say: try again next time
-                log.exception("orphan sweep failed")
 
     async def _watch_stable_series(self) -> None:
         window = self.settings.stability_window_s
@@ -478,8 +355,8 @@ class Scheduler:
             self._in_flight += 1
             metrics.IN_FLIGHT.inc()
             try:
-                record = await loop.run_in_executor(self._executor, self._run, job, waited)
-            except Exception as error:  # _run records its own failures; this is a last resort
+                record = await loop.run_in_executor(self._executor, self.runs.run, job, waited)
+            except Exception as error:  # runs record their own failures; this is a last resort
                 log.exception("analysis worker error")
                 record = job.record
                 if not job.done.done():
@@ -491,177 +368,3 @@ class Scheduler:
                 self._in_flight -= 1
                 metrics.IN_FLIGHT.dec()
                 self._queue.task_done()
-
-    def _run(self, job: _Job, waited_s: float = 0.0) -> Record:
-        """One analysis, in a worker thread; every outcome ends up in the store."""
-        analysis_token = logs.ANALYSIS_ID.set(job.record.id)
-        request_token = logs.REQUEST_ID.set(job.request_id)
-        try:
-            return self._run_logged(job, waited_s)
-        finally:
-            logs.REQUEST_ID.reset(request_token)
-            logs.ANALYSIS_ID.reset(analysis_token)
-
-    def _run_logged(self, job: _Job, waited_s: float) -> Record:
-        from service.pipeline.analysis import AnalysisRejected
-        from service.storage import results  # looked up per call: tests replace write_outputs
-
-        record = job.record
-        started = time.perf_counter()
-        timings: dict[str, float] = {}
-        prediction: str | None = None
-        conflicts: list[str] = []
-        staging: Path | None = None
-        writing = False
-        try:
-            # counted durably before it runs: see MAX_STARTS
-            self.store.start(record.id)
-            conflicts = self._conflict_warnings(record)
-            analysis = self._analyse(job.files, self.engine, rules=self._rules,
-                                     accept_non_flair=self.settings.accept_non_flair,
-                                     limits=self._limits,
-                                     explanation=self.settings.explanation)
-            writing = True
-            # Written aside and renamed into place, then marked done: a crash at any point
-            # leaves no half result visible, and the analysis runs again after the restart.
-            staging = self.spool.staging_folder(record.id)
-            results.write_outputs(analysis, staging)
-            result = analysis.to_json()
-            result.update({"analysis_id": record.id, "status": str(Status.DONE)})
-            # ids only: the API makes the URLs of the outputs (service.api.analyses.view)
-            result["warnings"] = [*result.get("warnings", []), *conflicts]
-            results.ResultFolder(staging).write_result(result)
-            self.spool.publish_result(staging, record.id)
-            staging = None  # it is the result folder now
-        except AnalysisRejected as rejected:
-            # the client sees its own parts and instances, never a path on this server
-            problem = {"code": rejected.code,
-                       "detail": client_text(rejected.message, job.files, self.spool.root),
-                       "warnings": [*(client_text(str(w), job.files, self.spool.root)
-                                      for w in getattr(rejected, "warnings", ())),
-                                    *conflicts]}
-            final, recorded = self._finish(record, Status.REJECTED, problem=problem)
-            outcome = f"rejected:{rejected.code}"
-        except Exception as error:
-            # first, whatever happens next: a result that was not published never will be
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            log.exception("analysis failed")
-            final, recorded = self._finish(record, Status.FAILED,
-                                           problem=self._failure(error, job.files, writing))
-            outcome = "failed"
-        else:
-            final, recorded = self._finish(
-                record, Status.DONE, result=result,
-                study_instance_uid=analysis.study_instance_uid,
-                series_instance_uid=analysis.series_instance_uid)
-            outcome, prediction, timings = "ok", analysis.prediction, analysis.timings_ms
-            metrics.PREDICTIONS.labels(**{"class": prediction}).inc()
-            for stage, ms in timings.items():
-                metrics.STAGE_DURATION.labels(stage=stage).observe(ms / 1000)
-        metrics.SERIES_ANALYSED.labels(outcome=outcome).inc()
-        # ids, outcome, class and timings only: never UIDs or other DICOM values
-        log.info("analysis finished", extra={
-            "source": record.source, "outcome": outcome, "prediction": prediction,
-            "timings_ms": timings, "queue_wait_ms": round(waited_s * 1000, 1),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
-        if recorded:  # else when the orphan sweep has recorded it (the input stays till then)
-            self._after_finish(final)
-        return final
-
-    def _failure(self, error: Exception, files: list[Path], writing: bool) -> dict[str, Any]:
-        """The problem of a failed analysis: why, in words the client can have."""
-        detail = client_text(f"{type(error).__name__}: {error}", files, self.spool.root)
-        if _disk_full(error):
-            return {"code": Code.SPOOL_FULL, "detail": f"no space left in the spool: {detail}"}
-        if writing and isinstance(error, OSError):
-            return {"code": Code.RESULT_WRITE_FAILED, "detail": detail}
-        return {"code": Code.ANALYSIS_FAILED, "detail": detail}
-
-    def _finish(self, record: Record, status: Status, **fields: Any) -> tuple[Record, bool]:
-        """Record how an analysis ended; the record, and whether the database took it. When
-        it did not (full, busy), the outcome waits in memory for :meth:`_record_late`: the
-        row stays ``running`` under this live process, so nobody else runs it meanwhile,
-        and a restart runs it again."""
-        try:
-            self.store.update(record.id, status, **fields)
-        except Exception:
-            log.exception("cannot record how an analysis ended; retried by the orphan sweep")
-            with self._unrecorded_lock:
-                self._unrecorded[record.id] = _Unrecorded(record, status, fields)
-            return self._ended(record, status, fields), False
-        return self._ended(record, status, fields, stored=True), True
-
-    def _ended(self, record: Record, status: Status, fields: dict[str, Any],
-               stored: bool = False) -> Record:
-        if stored:
-            with contextlib.suppress(Exception):  # recorded; reading it back is a nicety
-                final = self.store.get(record.id)
-                if final is not None and final.status in FINISHED:
-                    return final
-        return dataclasses.replace(
-            record, status=status, updated=time.time(),
-            result=fields.get("result") or record.result,
-            problem=fields.get("problem") or record.problem,
-            study_instance_uid=fields.get("study_instance_uid") or record.study_instance_uid,
-            series_instance_uid=fields.get("series_instance_uid") or record.series_instance_uid)
-
-    def _record_late(self) -> int:
-        """Write the outcomes the database refused before; how many it took now."""
-        with self._unrecorded_lock:
-            waiting = list(self._unrecorded.values())
-        recorded = 0
-        for item in waiting:
-            try:
-                self.store.update(item.record.id, item.status, **item.fields)
-            except Exception as error:
-                log.warning("still cannot record how an analysis ended", extra={
-                    "analysis_id": item.record.id, "error": type(error).__name__})
-                continue
-            with self._unrecorded_lock:
-                self._unrecorded.pop(item.record.id, None)
-            recorded += 1
-            log.info("how an analysis ended is recorded now", extra={
-                "analysis_id": item.record.id, "status": str(item.status)})
-            self._after_finish(self._ended(item.record, item.status, item.fields, stored=True))
-        return recorded
-
-    def _after_finish(self, final: Record) -> None:
-        """Once the outcome is in the store: deliveries, the upload's input, the audit."""
-        if final.status is Status.DONE:
-            for hook in self.result_hooks:
-                try:
-                    hook(final.id)
-                except Exception:  # a hook must not turn a finished analysis into a failure
-                    log.exception("result hook failed")
-        if final.source == "upload":
-            self.spool.remove_upload(final.id)
-        self._audit_finished(final)
-
-    def _conflict_warnings(self, record: Record) -> list[str]:
-        """A series that was also sent with different content under known SOP Instance UIDs
-        (refused, first copies kept) says so in its analysis."""
-        if record.source == "upload" or not (record.study_instance_uid
-                                             and record.series_instance_uid):
-            return []
-        try:
-            refused = self.spool.conflicts(SeriesKey(record.study_instance_uid,
-                                                     record.series_instance_uid))
-        except ValueError:
-            return []
-        if not refused:
-            return []
-        return [f"conflicting_duplicate: {len(refused)} instance(s) were sent again with "
-                "different content under a known SOP Instance UID and refused; the first "
-                "copies were analysed"]
-
-    def _audit_finished(self, record: Record) -> None:
-        outputs = (record.result or {}).get("outputs", {})
-        self._audit.write(
-            "analysis", analysis_id=record.id, source=record.source, status=str(record.status),
-            study_instance_uid=record.study_instance_uid,
-            series_instance_uid=record.series_instance_uid,
-            prediction=(record.result or {}).get("prediction"),
-            problem=(record.problem or {}).get("code"),
-            sc_series_instance_uid=outputs.get("secondary_capture_series_instance_uid"),
-            sr_sop_instance_uid=outputs.get("sr_sop_instance_uid"))
