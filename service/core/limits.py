@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from service.core.codes import Code
 
@@ -60,6 +60,16 @@ ANALYSIS_BASE_BYTES = 64 * 1024**2
 DEFAULT_ANALYSIS_MEMORY_BYTES = 2560 * 1024**2
 
 
+class LimitSettings(Protocol):
+    """What :meth:`Limits.of` reads of :class:`service.core.config.Settings` (a Protocol:
+    config imports this module for its defaults). ``analysis_memory_bytes``, ``workers`` and
+    ``http_workers`` are read when present."""
+
+    max_matrix: int
+    max_series_bytes: int
+    max_instances_per_series: int
+
+
 @dataclass(frozen=True)
 class Limits:
     max_matrix: int = 2048
@@ -69,7 +79,7 @@ class Limits:
     analysis_memory_bytes: int | None = DEFAULT_ANALYSIS_MEMORY_BYTES
 
     @classmethod
-    def of(cls, settings: Any) -> Limits:
+    def of(cls, settings: LimitSettings) -> Limits:
         """The limits ``settings`` set; the analyses' memory budget is shared by every
         analysis that can run at once (``workers`` threads in each of ``http_workers``)."""
         budget = getattr(settings, "analysis_memory_bytes", DEFAULT_ANALYSIS_MEMORY_BYTES)
