@@ -278,3 +278,16 @@ def test_grafana_provisions_prometheus_and_the_dashboard(compose: dict[str, Any]
             continue  # e.g. Grafana's own annotations datasource
         assert uid in ("prometheus", "Prometheus") or uid.startswith("$"), ref
     assert dashboard.get("panels"), "the dashboard has no panels"
+
+
+def test_the_modules_the_images_import_at_build_exist() -> None:
+    """Each Dockerfile checks its venv with `python -c "import …"`: the modules it names must
+    exist in the package (a module moved without its Dockerfile fails the image build)."""
+    import importlib
+
+    for name, dockerfile in DOCKERFILES.items():
+        checks = re.findall(r'python -c "import ([\w., ]+);', dockerfile.read_text())
+        assert checks, f"{name}: no import check in the build"
+        for module in (m.strip() for check in checks for m in check.split(",")):
+            if module.startswith("service"):
+                importlib.import_module(module)
