@@ -79,6 +79,22 @@ def test_model_export_uses_only_core_phantoms_and_pipeline() -> None:
     assert _forbidden("model_export") >= (_layers() - allowed) | {"service.cli"}
 
 
+def test_the_layers_run_in_one_line_with_few_exceptions() -> None:
+    """The data path as a layers contract (api over intake over runtime over pipeline,
+    storage and phantoms over core), every package in it, and only the composition imports
+    named as exceptions: a new upward import breaks the contract instead of joining a list."""
+    (layers,) = [c for c in _contracts() if c["type"] == "layers"]
+    named = {part.strip() for layer in layers["layers"] for part in layer.split("|")}
+    assert named == _layers() | {"service.cli"}
+    assert [layer.split("|")[0].strip() for layer in layers["layers"]] == [
+        "service.cli", "service.api", "service.intake", "service.runtime", "service.pipeline",
+        "service.core"]
+    assert sorted(layers["ignore_imports"]) == [
+        "service.runtime.app -> service.api.**",
+        "service.runtime.forward -> service.intake.multipart",
+        "service.runtime.pacs -> service.intake.dimse"]
+
+
 def test_mypy_is_strict_for_core_and_pipeline() -> None:
     mypy = _pyproject()["tool"]["mypy"]
     assert mypy["plugins"] == ["pydantic.mypy"]
