@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.core.outputs import DicomOutput, parse_outputs
+
 if TYPE_CHECKING:  # the subcommands import what they need when they run
     from service.core.config import Settings
     from service.core.flair import RuleSet
@@ -64,6 +66,13 @@ def _phantom(args: argparse.Namespace) -> int:
                       "lesion_voxels": int(truth.lesion_mask.sum()),
                       "lesion_seg": None if seg_path is None else str(seg_path)}))
     return 0
+
+
+def _outputs(text: str) -> frozenset[DicomOutput]:
+    try:
+        return parse_outputs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -270,6 +279,7 @@ def _analyze(args: argparse.Namespace) -> int:
         analysis = analyse(iter_folder(folder), engine, rules=rules,
                            accept_non_flair=args.accept_non_flair or settings.accept_non_flair,
                            explanation=args.explanation or settings.explanation,
+                           outputs=args.outputs or settings.outputs,
                            series_uid=args.series, pick_flair=True)
     except AnalysisRejected as rejected:
         print(json.dumps(rejected.to_json()), file=sys.stderr)
@@ -439,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the map the overlays and the preview show: hirescam (HiResCAM), "
                          "gradcam (Grad-CAM) or attention (the model's own attention) "
                          f"(default: FLAIRCAD_EXPLANATION or {DEFAULT_EXPLANATION})")
+    analyze.add_argument("--outputs", type=_outputs, default=None, metavar="LIST",
+                         help="DICOM outputs to write, comma-separated from sc (Secondary "
+                         "Capture overlays), pm (Parametric Map), sr (SR) (default: "
+                         "FLAIRCAD_OUTPUTS or all three)")
     analyze.set_defaults(func=_analyze)
     return parser
 

@@ -141,7 +141,7 @@ async def create_analysis(
         model = rt.engine.info
         record, created = uploads.claim(
             fingerprint(model.name, model.version, rt.settings.explanation,
-                        (p.sha256 for p in dicom_parts)),
+                        (p.sha256 for p in dicom_parts), rt.settings.outputs),
             again=_no_cache(cache_control))
         audit(request, rt, "upload", analysis_id=record.id, instances=len(dicom_parts),
               reused=not created)

@@ -45,8 +45,12 @@ class Calibration(BaseModel):
 
 
 class Outputs(BaseModel):
-    secondary_capture_series_instance_uid: str
-    sr_sop_instance_uid: str
+    """The DICOM outputs' UIDs; null for an output FLAIRCAD_OUTPUTS leaves out."""
+
+    secondary_capture_series_instance_uid: str | None = None
+    parametric_map_series_instance_uid: str | None = None
+    parametric_map_sop_instance_uid: str | None = None
+    sr_sop_instance_uid: str | None = None
     sr_series_instance_uid: str | None = None
     instances_url: str
     preview_url: str

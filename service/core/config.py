@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.core.destinations import AE_TITLE_PATTERN, Destination
 from service.core.limits import DEFAULT_ANALYSIS_MEMORY_BYTES
+from service.core.outputs import ALL_OUTPUTS, DESCRIPTIONS, DicomOutput, parse_outputs
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "flaircad-demo.onnx"
 
@@ -73,6 +75,13 @@ class Settings(BaseSettings):
         description="the map the overlays, the preview and the reports show: "
         + ", ".join(f"{name} ({text})" for name, text in EXPLANATIONS.items())
         + f"; default {DEFAULT_EXPLANATION}",
+    )
+    # NoDecode: "sc,sr" as well as a JSON list (parse_outputs reads both)
+    outputs: Annotated[frozenset[DicomOutput], NoDecode] = Field(
+        ALL_OUTPUTS,
+        description="the DICOM outputs written, sent and served, comma-separated: "
+        + "; ".join(f"{o.value} ({text})" for o, text in DESCRIPTIONS.items())
+        + "; default all three (for a PACS that refuses some SOP classes)",
     )
     spool_dir: Path = Field(
         Path("var/flaircad"),
@@ -236,6 +245,13 @@ class Settings(BaseSettings):
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         return [proxy_network(item) for item in value]
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _known_outputs(cls, value: object) -> frozenset[DicomOutput]:
+        if isinstance(value, (str, list, tuple, set, frozenset)):
+            return parse_outputs(value)
+        raise ValueError("FLAIRCAD_OUTPUTS: a comma-separated list of sc, pm, sr")
 
     @field_validator("explanation", mode="before")
     @classmethod

@@ -40,10 +40,13 @@ class UploadedPart(Protocol):
 
 
 def fingerprint(model_name: str, model_version: str, explanation: str,
-                part_digests: Iterable[str]) -> str:
-    """The upload's identity: the set of its parts' SHA-256, the model and the map shown."""
+                part_digests: Iterable[str], outputs: Iterable[str] = ()) -> str:
+    """The upload's identity: the set of its parts' SHA-256, the model, the map shown and
+    the DICOM outputs made (another choice of outputs is another result)."""
+    chosen = ",".join(sorted(str(o) for o in outputs))
     return "upload:" + digest("\n".join(
-        [f"{model_name} {model_version} explanation={explanation}",
+        [f"{model_name} {model_version} explanation={explanation}"
+         + (f" outputs={chosen}" if chosen else ""),
          *sorted(set(part_digests))]).encode())
 
 

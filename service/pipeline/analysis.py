@@ -39,7 +39,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +52,7 @@ from service.core.codes import Code
 from service.core.contract import DEFAULT_EXPLANATION, EXPLANATIONS
 from service.core.flair import RuleSet, flair_rejection, load_rules, selection_attributes
 from service.core.limits import Limits, series_refusal
+from service.core.outputs import ALL_OUTPUTS, DicomOutput
 from service.core.preprocess import preprocess
 from service.core.reading import Source
 from service.core.series import Series, ingest
@@ -109,27 +110,40 @@ class Analysis:
     distribution: dict[str, Any]  # contract.DistributionCheck.assess of the input
     model: dict[str, str]  # name, version, provider
     calibration: dict[str, Any]  # temperature (already applied inside the model), fitted_on
-    sc_series_instance_uid: str
+    # The DICOM outputs, each absent (None / []) when FLAIRCAD_OUTPUTS leaves it out
+    sc_series_instance_uid: str | None
     sc_sop_instance_uids: list[str]  # InstanceNumber order
-    sr_series_instance_uid: str
-    sr_sop_instance_uid: str
+    sr_series_instance_uid: str | None
+    sr_sop_instance_uid: str | None
     sc_instances: list[bytes]  # one Part 10 file per source slice, InstanceNumber order
-    sr_instance: bytes
+    sr_instance: bytes | None
     preview_png: bytes
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     # False: no FLAIR rule matched and the series ran under the non-FLAIR override
     flair_recognised: bool = True
+    pm_series_instance_uid: str | None = None
+    pm_sop_instance_uid: str | None = None
+    pm_instance: bytes | None = None  # the Parametric Map, one frame per source slice
 
     def instances(self) -> list[bytes]:
-        """Every output instance: the Secondary Captures, then the SR."""
-        return [*self.sc_instances, self.sr_instance]
+        """Every output instance there is: the Secondary Captures, the Parametric Map, then
+        the SR (which references the others)."""
+        return [*self.sc_instances, *(data for data in (self.pm_instance, self.sr_instance)
+                                      if data is not None)]
 
     def sc_datasets(self) -> list[Dataset]:
         return [dcmread(io.BytesIO(data)) for data in self.sc_instances]
 
     def sr_dataset(self) -> Dataset:
+        if self.sr_instance is None:
+            raise LookupError("this analysis produced no SR (FLAIRCAD_OUTPUTS)")
         return dcmread(io.BytesIO(self.sr_instance))
+
+    def pm_dataset(self) -> Dataset:
+        if self.pm_instance is None:
+            raise LookupError("this analysis produced no Parametric Map (FLAIRCAD_OUTPUTS)")
+        return dcmread(io.BytesIO(self.pm_instance))
 
     def to_json(self) -> dict[str, Any]:
         """The result fields of the API's result JSON; the HTTP layer adds ``analysis_id``,
@@ -151,6 +165,8 @@ class Analysis:
             "calibration": dict(self.calibration),
             "outputs": {
                 "secondary_capture_series_instance_uid": self.sc_series_instance_uid,
+                "parametric_map_series_instance_uid": self.pm_series_instance_uid,
+                "parametric_map_sop_instance_uid": self.pm_sop_instance_uid,
                 "sr_sop_instance_uid": self.sr_sop_instance_uid,
                 "sr_series_instance_uid": self.sr_series_instance_uid,
             },
@@ -287,6 +303,7 @@ def analyse(
     explanation: str = DEFAULT_EXPLANATION,
     series_uid: str | None = None,
     pick_flair: bool = False,
+    outputs: Collection[DicomOutput] = ALL_OUTPUTS,
 ) -> Analysis:
     """Analyse one FLAIR series given as files / bytes (optionally ``(source, name)`` pairs).
     The overlays and the preview show the map ``explanation`` (a key of
@@ -387,7 +404,10 @@ def analyse(
     sources_in_order = _source_images(series, slices, order, warnings)
     model = sc.ModelIdentity(info.name, info.version)
     probabilities_text = ", ".join(f"{name} {p:.3f}" for name, p in probabilities.items())
-    captures = sc.build_secondary_captures(
+    chosen = frozenset(outputs)
+    if not chosen:
+        raise ValueError("at least one DICOM output must be produced")
+    captures = [] if DicomOutput.SC not in chosen else sc.build_secondary_captures(
         images, sources_in_order, header.dataset,
         model=model, prediction=prediction, probabilities_text=probabilities_text,
         series_number=_series_number(first, SC_SERIES_OFFSET), pixel_spacing=pixel_spacing,
@@ -399,7 +419,7 @@ def analyse(
     if not source_series:
         raise AnalysisRejected(INVALID_UID, "the source SeriesInstanceUID is not a valid UID",
                                warnings)
-    report = sr.build_report(
+    report = None if DicomOutput.SR not in chosen else sr.build_report(
         header.dataset,
         sources=[sr.EvidenceInstance(sop_class, uid, source_series) for sop_class, uid in
                  dict.fromkeys((s.sop_class_uid, s.sop_instance_uid) for s in sources_in_order)],
@@ -410,8 +430,8 @@ def analyse(
         distribution=distribution, temperature=info.calibration.temperature,
         flair_recognised=flair_recognised,
     )
-    sc_bytes = sc.encode_series(captures)
-    sr_bytes = sc.encode_part10(report)
+    sc_bytes = sc.encode_series(captures) if captures else []
+    sr_bytes = sc.encode_part10(report) if report is not None else None
     clock.lap("encode")
 
     timings = clock.finish()
@@ -429,10 +449,10 @@ def analyse(
         model={"name": info.name, "version": info.version, "provider": engine.provider},
         calibration={"temperature": float(info.calibration.temperature),
                      "fitted_on": info.calibration.fitted_on},
-        sc_series_instance_uid=str(captures[0].SeriesInstanceUID),
+        sc_series_instance_uid=str(captures[0].SeriesInstanceUID) if captures else None,
         sc_sop_instance_uids=[str(c.SOPInstanceUID) for c in captures],
-        sr_series_instance_uid=str(report.SeriesInstanceUID),
-        sr_sop_instance_uid=str(report.SOPInstanceUID),
+        sr_series_instance_uid=str(report.SeriesInstanceUID) if report is not None else None,
+        sr_sop_instance_uid=str(report.SOPInstanceUID) if report is not None else None,
         sc_instances=sc_bytes,
         sr_instance=sr_bytes,
         preview_png=preview,

@@ -24,6 +24,14 @@ the canonical voxels it covers, as the area resize took them). For an axial seri
 model's slice weights resampled to the source slices; for a sagittal or coronal one, where
 every source slice cuts through every model slice, the spatial attention decides.
 
+Banner (:func:`burn_banner`, laid out by :func:`banner_layout`): the Secondary Capture keeps the
+source geometry, so nothing is padded; the result and any alerts sit in a darkened strip at the
+top edge, "RESEARCH USE ONLY - NOT FOR DIAGNOSIS" in one at the bottom edge, together at most
+:data:`BANNER_MAX_ROWS` of the rows whatever the matrix (the font shrinks and the text wraps,
+no line is cut), and a JET colour bar (1 at the top, 0 at the bottom, the map's name along it)
+at the right edge, a few per cent of the width (:func:`colour_bar_box`). The rest of the image
+is untouched.
+
 Banner text is drawn with OpenCV's Hershey fonts, which are ASCII only: every string passes
 :func:`service.pipeline.sanitize.clean_ascii` first.
 """
@@ -62,6 +70,13 @@ ALPHA_MAX = 0.5  # opacity of the colour map where the CAM is at its volume maxi
 WINDOW_PERCENTILES = (1.0, 99.5)  # grey window of the source volume
 PREVIEW_SLICES = 8
 PREVIEW_TILE = 256
+BANNER_MAX_ROWS = 0.10  # the text strips (top and bottom together) take at most this of the rows
+STRIP_SHADE = 0.35  # the strips darken what is under them (it stays faintly visible)
+COLOUR_BAR_ROWS = (0.25, 0.75)  # the colour bar spans these fractions of the rows…
+COLOUR_BAR_WIDTH = 0.025  # …and this fraction of the columns, at the right edge
+_MIN_SCALE = 0.1  # Hershey font scale below which the text search stops
+_SCALE_STEP = 0.01
+_CRISP_BELOW = 0.4  # font scale below which the text's ink coverage is boosted (see _ink)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _WHITE = (255, 255, 255)
 _YELLOW = (255, 255, 0)
@@ -233,18 +248,277 @@ def _draw_lines(image: RGBImage, lines: Sequence[str], top: int, scale: float,
 
 
 def burn_banner(image: RGBImage, banner: Banner) -> RGBImage:
-    """The result and the research notice burned into a copy of ``image``: the result at the
-    top, the notice at the bottom (in yellow), sized to the image width."""
+    """The result, the research notice and a colour bar burned into a copy of ``image``
+    (:func:`banner_layout` says where): the result and any alerts in a strip at the top, the
+    notice at the bottom, the JET legend at the right edge; the rest of the image is left
+    as it was."""
     out = np.ascontiguousarray(image.copy())
-    height, width = out.shape[:2]
-    lines, alerts = banner.lines(), banner.alerts()
-    scale = _fit_scale([*lines, *alerts, RESEARCH_BANNER], width, max(0.35, width / 700.0))
-    below = _draw_lines(out, lines, 0, scale, _WHITE)
-    if alerts:
-        _draw_lines(out, alerts, below, scale, _ORANGE)
-    _, step = _line_step(scale)
-    _draw_lines(out, [RESEARCH_BANNER], max(0, height - step - 2), scale, _YELLOW)
+    layout = banner_layout(banner, int(out.shape[0]), int(out.shape[1]))
+    for block in layout.blocks:
+        box = block.box
+        _darken(out, box)
+        for line in block.lines:
+            mask = np.zeros((box.bottom - box.top, box.right - box.left), dtype=np.uint8)
+            x, y = line.origin
+            cv2.putText(mask, line.text, (x - box.left, y - box.top), _FONT, layout.scale, 255,
+                        1, cv2.LINE_AA)
+            _ink(out, box, mask, line.colour, layout.scale)
+    _draw_colour_bar(out, layout)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Banner layout: small strips at the top and bottom edges, a colour bar at the right edge
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    """Pixel rectangle ``[top, bottom) × [left, right)``."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def area(self) -> int:
+        return max(0, self.bottom - self.top) * max(0, self.right - self.left)
+
+
+@dataclass(frozen=True)
+class PlacedLine:
+    text: str
+    origin: tuple[int, int]  # (column, baseline row) for cv2.putText
+    width: int  # pixels at the layout's scale
+    colour: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    box: Box  # the darkened strip behind the lines
+    lines: tuple[PlacedLine, ...]
+
+
+@dataclass(frozen=True)
+class BannerLayout:
+    """Where :func:`burn_banner` puts everything on a ``rows`` × ``columns`` image."""
+
+    rows: int
+    columns: int
+    scale: float  # Hershey font scale of every line
+    blocks: tuple[TextBlock, ...]  # the top strip (result, alerts), the bottom strip (notice)
+    bar: Box  # the colour bar: JET(1) in its top row down to JET(0) in its bottom row
+    explanation: str  # the map's name, written along the bar
+
+    def lines(self) -> list[str]:
+        return [line.text for block in self.blocks for line in block.lines]
+
+    def strip_rows(self) -> int:
+        return sum(block.box.bottom - block.box.top for block in self.blocks)
+
+
+def colour_bar_box(rows: int, columns: int) -> Box:
+    """The colour bar's pixels on a ``rows`` × ``columns`` overlay: a few per cent of the
+    width at the right edge (in axial slices the head's narrow side: air there), the middle
+    half of the height."""
+    width = max(3, round(COLOUR_BAR_WIDTH * columns))
+    right = columns - max(2, round(0.015 * columns))
+    top, bottom = (round(f * rows) for f in COLOUR_BAR_ROWS)
+    return Box(top, max(top + 2, bottom), max(0, right - width), right)
+
+
+def _pitch(scale: float) -> tuple[int, int, int]:
+    """Cap height, descent and line pitch in pixels at ``scale`` (parentheses and descenders
+    inside the pitch: no line is cut by the next one or by the strip's edge)."""
+    (_, height), descent = cv2.getTextSize("(Agy|", _FONT, scale, 1)
+    pad = max(1, round(0.25 * height))
+    return int(height), int(descent), int(height + descent + pad)
+
+
+def _text_width(text: str, scale: float) -> int:
+    return int(cv2.getTextSize(text, _FONT, scale, 1)[0][0])
+
+
+def _place(lines: Sequence[str], colours: Sequence[tuple[int, int, int]], top: int,
+           scale: float, margin: int, columns: int) -> TextBlock:
+    height, descent, pitch = _pitch(scale)
+    lead = (pitch - height - descent + 1) // 2  # the padding split above and below
+    placed = tuple(
+        PlacedLine(text, (margin, top + i * pitch + lead + height), _text_width(text, scale),
+                   colour)
+        for i, (text, colour) in enumerate(zip(lines, colours, strict=True)))
+    right = min(columns, max(line.width for line in placed) + 2 * margin)
+    return TextBlock(Box(top, top + pitch * len(placed), 0, right), placed)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Text of one colour, as the parts a line may break between (``joiner`` between two on
+    one line); an ``atomic`` part is never broken, any other is broken at spaces when it is
+    wider than a line on its own."""
+
+    parts: tuple[str, ...]
+    joiner: str
+    colour: tuple[int, int, int]
+    atomic: bool = False
+
+
+def _words(part: str, width: int, scale: float) -> list[str] | None:
+    """``part`` greedily broken at spaces into lines of at most ``width`` pixels; None when a
+    word alone is wider."""
+    lines: list[str] = []
+    for word in part.split():
+        if lines and _text_width(f"{lines[-1]} {word}", scale) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        elif _text_width(word, scale) <= width:
+            lines.append(word)
+        else:
+            return None
+    return lines
+
+
+def _wrap(group: _Group, width: int, scale: float) -> list[str] | None:
+    """The fewest lines of at most ``width`` pixels holding ``group`` in order (greedy), or
+    None when something in it cannot fit at ``scale``."""
+    lines: list[str] = []
+    for part in group.parts:
+        joined = f"{lines[-1]}{group.joiner}{part}" if lines else part
+        if lines and _text_width(joined, scale) <= width:
+            lines[-1] = joined
+        elif _text_width(part, scale) <= width:
+            lines.append(part)
+        elif group.atomic:
+            return None
+        else:
+            broken = _words(part, width, scale)
+            if broken is None:
+                return None
+            lines.extend(broken)
+    return lines
+
+
+def _fit(groups: Sequence[_Group], width: int, budget: int,
+         scale: float) -> list[list[str]] | None:
+    """Every group wrapped at ``scale``, when all their lines fit ``budget`` rows."""
+    wrapped = [_wrap(group, width, scale) for group in groups]
+    if any(lines is None for lines in wrapped):
+        return None
+    done = [lines for lines in wrapped if lines is not None]
+    return done if sum(map(len, done)) * _pitch(scale)[2] <= budget else None
+
+
+def _banner_groups(banner: Banner) -> tuple[list[_Group], _Group]:
+    """The top strip's groups (the result in white, the alerts in orange) and the bottom
+    strip's (the research notice in yellow, "RESEARCH USE ONLY" never broken)."""
+    white = _Group(tuple(part for line in banner.lines() for part in line.split("  ") if part),
+                   "  ", _WHITE)
+    top = [white]
+    if banner.alerts():
+        top.append(_Group(tuple(banner.alerts()), ";  ", _ORANGE))
+    notice, _, rest = RESEARCH_BANNER.partition(" - ")
+    bottom = _Group((notice, f"- {rest}") if rest else (notice,), " ", _YELLOW, atomic=True)
+    return top, bottom
+
+
+def banner_layout(banner: Banner, rows: int, columns: int) -> BannerLayout:
+    """The banner on a ``rows`` × ``columns`` image. The text strips together take at most
+    :data:`BANNER_MAX_ROWS` of the rows whatever the matrix: the largest font at which the
+    result, the alerts and the notice, wrapped into as few lines as that font allows, fit the
+    width and that height, every line whole (smaller text on a small matrix, never a cut
+    line or a band over the anatomy)."""
+    margin = max(2, columns // 100)
+    width = max(1, columns - 2 * margin)
+    budget = max(1, math.floor(BANNER_MAX_ROWS * rows))
+    top_groups, bottom_group = _banner_groups(banner)
+    groups = [*top_groups, bottom_group]
+    scale = max(0.35, columns / 700.0)
+    wrapped = _fit(groups, width, budget, scale)
+    while wrapped is None and scale > _MIN_SCALE:
+        scale = round(scale - _SCALE_STEP, 2)
+        wrapped = _fit(groups, width, budget, scale)
+    if wrapped is None:  # a tiny image: the smallest font, one unbroken line per part
+        wrapped = [list(group.parts) for group in groups]
+    *top_lines, bottom_lines = wrapped
+    texts = [line for lines in top_lines for line in lines]
+    colours = [group.colour for group, lines in zip(top_groups, top_lines, strict=True)
+               for _ in lines]
+    pitch = _pitch(scale)[2]
+    top = _place(texts, colours, 0, scale, margin, columns)
+    bottom = _place(bottom_lines, [bottom_group.colour] * len(bottom_lines),
+                    max(0, rows - pitch * len(bottom_lines)), scale, margin, columns)
+    return BannerLayout(rows, columns, scale, (top, bottom), colour_bar_box(rows, columns),
+                        explanation_label(banner.explanation))
+
+
+def jet_colours(values: npt.NDArray[np.floating]) -> RGBImage:
+    """RGB of the JET colour map at ``values`` in [0, 1]: the same lookup :func:`blend`
+    colours the map with."""
+    index = np.clip(np.asarray(values, dtype=np.float64) * 255.0, 0, 255).astype(np.uint8)
+    bgr = np.asarray(cv2.applyColorMap(index.reshape(-1, 1), cv2.COLORMAP_JET), dtype=np.uint8)
+    return np.ascontiguousarray(bgr[:, 0, ::-1]).reshape(*index.shape, 3)
+
+
+def _darken(image: RGBImage, box: Box) -> None:
+    region = image[box.top:box.bottom, box.left:box.right]
+    region[:] = (region.astype(np.float32) * STRIP_SHADE).astype(np.uint8)
+
+
+def _label(image: RGBImage, text: str, box: Box, scale: float, *, rotate: bool) -> None:
+    """``text`` in white on a darkened ``box`` (written bottom to top when ``rotate``)."""
+    box = Box(max(0, box.top), min(image.shape[0], box.bottom), max(0, box.left),
+              min(image.shape[1], box.right))
+    if box.area == 0:
+        return
+    height = _pitch(scale)[0]
+    across, along = (box.right - box.left, box.bottom - box.top)
+    mask = np.zeros((across, along) if rotate else (along, across), dtype=np.uint8)
+    baseline = (mask.shape[0] + height) // 2
+    cv2.putText(mask, text, (1, baseline), _FONT, scale, 255, 1, cv2.LINE_AA)
+    if rotate:
+        mask = np.asarray(cv2.rotate(mask, cv2.ROTATE_90_COUNTERCLOCKWISE), dtype=np.uint8)
+    _darken(image, box)
+    _ink(image, box, mask, _WHITE, scale)
+
+
+def _ink(image: RGBImage, box: Box, mask: npt.NDArray[np.uint8],
+         colour: tuple[int, int, int], scale: float) -> None:
+    """``colour`` laid into ``box`` where the text ``mask`` (0-255 coverage) has ink. Small
+    text's strokes are thinner than a pixel, and OpenCV (5.x) anti-aliases every stroke: their
+    coverage is boosted so that the orange alert and the yellow notice keep their colour."""
+    gain = 1.0 if scale >= _CRISP_BELOW else 2.0
+    alpha = np.clip(mask.astype(np.float32) * np.float32(gain / 255.0), 0.0, 1.0)[..., None]
+    region = image[box.top:box.bottom, box.left:box.right].astype(np.float32)
+    paint = np.asarray(colour, dtype=np.float32)
+    image[box.top:box.bottom, box.left:box.right] = (
+        region * (1.0 - alpha) + paint * alpha).astype(np.uint8)
+
+
+def _draw_colour_bar(image: RGBImage, layout: BannerLayout) -> None:
+    """The legend: JET from 1 (top) to 0 (bottom), "1" above it, "0" under it, the map's
+    name along its left side. Opaque: it shows the colour map itself (the overlay blends it
+    at up to :data:`ALPHA_MAX`)."""
+    bar = layout.bar
+    length = bar.bottom - bar.top
+    values = 1.0 - np.arange(length, dtype=np.float64) / max(1, length - 1)
+    image[bar.top:bar.bottom, bar.left:bar.right] = jet_colours(values)[:, None, :]
+    scale = layout.scale
+    pitch = _pitch(scale)[2]
+    for text, top in (("1", bar.top - pitch), ("0", bar.bottom)):
+        width = _text_width(text, scale) + 2
+        _label(image, text, Box(top, top + pitch, bar.right - width, bar.right), scale,
+               rotate=False)
+    # the map's name written along the bar, shrunk until it fits the bar's length
+    name_scale = scale
+    while name_scale > _MIN_SCALE and _text_width(layout.explanation, name_scale) + 2 > length:
+        name_scale = round(name_scale - _SCALE_STEP, 2)
+    name_pitch = _pitch(name_scale)[2]
+    name_length = min(length, _text_width(layout.explanation, name_scale) + 2)
+    middle = (bar.top + bar.bottom) // 2
+    left = bar.left - 1 - name_pitch
+    _label(image, layout.explanation,
+           Box(middle - name_length // 2, middle - name_length // 2 + name_length, left,
+               bar.left - 1), name_scale, rotate=True)
 
 
 # --------------------------------------------------------------------------------------------

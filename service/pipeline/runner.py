@@ -17,13 +17,14 @@ from __future__ import annotations
 import errno
 import shutil
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from service.core.codes import Code
 from service.core.limits import Limits
+from service.core.outputs import ALL_OUTPUTS, DicomOutput
 from service.pipeline.engine import Engine
 
 if TYPE_CHECKING:  # the analysis module is imported when the first job runs
@@ -36,7 +37,8 @@ class Analyse(Protocol):
     stand-in."""
 
     def __call__(self, sources: list[Path], engine: Engine, *, rules: RuleSet | None,
-                 accept_non_flair: bool, limits: Limits, explanation: str) -> Analysis: ...
+                 accept_non_flair: bool, limits: Limits, explanation: str,
+                 outputs: Collection[DicomOutput]) -> Analysis: ...
 
 
 class ResultWriter(Protocol):
@@ -110,11 +112,13 @@ class Runner:
 
     def __init__(self, analyse: Analyse, engine: Engine, results: ResultWriter,
                  spool_root: Path, *, rules: RuleSet | None, accept_non_flair: bool,
-                 limits: Limits, explanation: str) -> None:
+                 limits: Limits, explanation: str,
+                 outputs: Collection[DicomOutput] = ALL_OUTPUTS) -> None:
         self.analyse, self.engine, self.results = analyse, engine, results
         self.spool_root = spool_root
         self.rules, self.accept_non_flair = rules, accept_non_flair
         self.limits, self.explanation = limits, explanation
+        self.outputs = frozenset(outputs)
 
     def run(self, analysis_id: str, files: list[Path],
             begin: Callable[[], Sequence[str]] = tuple) -> Outcome:
@@ -130,7 +134,8 @@ class Runner:
             warnings = list(begin())
             analysis = self.analyse(files, self.engine, rules=self.rules,
                                     accept_non_flair=self.accept_non_flair,
-                                    limits=self.limits, explanation=self.explanation)
+                                    limits=self.limits, explanation=self.explanation,
+                                    outputs=self.outputs)
             writing = True
             # Written aside and renamed into place, then marked done: a crash at any point
             # leaves no half result visible, and the analysis runs again after the restart.

@@ -137,7 +137,7 @@ class Scheduler:
             rules = load_rules(settings.flair_rules)
         runner = Runner(analyse, engine, SpoolResults(spool), spool.root, rules=rules,
                         accept_non_flair=settings.accept_non_flair, limits=Limits.of(settings),
-                        explanation=settings.explanation)
+                        explanation=settings.explanation, outputs=settings.outputs)
         self.runs = Runs(runner, spool, store, self._audit)
         self.orphans = Orphans(spool, store, self.owner, self.runs,
                                lambda record, files: self._enqueue(record, files, force=True))

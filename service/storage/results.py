@@ -4,7 +4,8 @@ Layout of a result folder (``results/<analysis id>/`` in the spool, or ``flairca
 OUT_DIR)::
 
     sc/IM0001.dcm, sc/IM0002.dcm, …   the Secondary Capture series, InstanceNumber order
-    sr.dcm                             the Comprehensive SR
+    pm.dcm                             the Parametric Map (the explanation on the source grid)
+    sr.dcm                             the Comprehensive 3D SR
     preview.png                        the preview montage
     result.json                        what the analysis found (the API's record of it)
 
@@ -14,7 +15,9 @@ a result is written into a staging folder (``results/.staging-<id>-<random>``) a
 by one rename (:meth:`ResultFolders.publish`), so a reader sees all of it or none.
 
 :func:`write_outputs` takes anything shaped like an analysis (:class:`AnalysisOutputs`): this
-layer imports no pipeline code.
+layer imports no pipeline code. Which DICOM outputs exist is the analysis' choice
+(``FLAIRCAD_OUTPUTS``): a folder holds any subset of SC, PM and SR, and every reader here takes
+what is there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 
 SC_FOLDER = "sc"
 SR_FILE = "sr.dcm"
+PM_FILE = "pm.dcm"
 PREVIEW_FILE = "preview.png"
 RESULT_FILE = "result.json"
 STAGING_PREFIX = ".staging-"
@@ -38,10 +42,13 @@ class AnalysisOutputs(Protocol):
     """What is written of an analysis (:class:`service.pipeline.analysis.Analysis` is one)."""
 
     @property
-    def sc_instances(self) -> list[bytes]: ...  # Part 10 files, InstanceNumber order
+    def sc_instances(self) -> list[bytes]: ...  # Part 10 files, InstanceNumber order; [] if off
 
     @property
-    def sr_instance(self) -> bytes: ...
+    def pm_instance(self) -> bytes | None: ...  # None: not produced (FLAIRCAD_OUTPUTS)
+
+    @property
+    def sr_instance(self) -> bytes | None: ...
 
     @property
     def preview_png(self) -> bytes: ...
@@ -77,6 +84,10 @@ class ResultFolder:
         return self.path / SR_FILE
 
     @property
+    def pm(self) -> Path:
+        return self.path / PM_FILE
+
+    @property
     def preview(self) -> Path:
         return self.path / PREVIEW_FILE
 
@@ -91,23 +102,32 @@ class ResultFolder:
         return sorted(self.sc_folder.glob("*.dcm"))
 
     def dicom_files(self) -> list[Path]:
-        """The DICOM outputs: the SC series, then the SR (what is sent and served)."""
-        return [*self.sc_files(), *(p for p in [self.sr] if p.is_file())]
+        """The DICOM outputs that exist: the SC series, the Parametric Map, then the SR (what is
+        sent and served; the SR last, as it references the others)."""
+        return [*self.sc_files(), *(p for p in [self.pm, self.sr] if p.is_file())]
 
     def write(self, outputs: AnalysisOutputs) -> dict[str, Any]:
-        """Write the SC series, the SR, the preview and ``result.json`` (``to_json()``) into
-        the folder (created if needed); returns what was written where."""
-        self.sc_folder.mkdir(parents=True, exist_ok=True)
+        """Write the DICOM outputs there are (SC series, Parametric Map, SR), the preview and
+        ``result.json`` (``to_json()``) into the folder (created if needed); returns what was
+        written where (None for an output not produced)."""
+        self.path.mkdir(parents=True, exist_ok=True)
         sc_paths = []
+        if outputs.sc_instances:
+            self.sc_folder.mkdir(exist_ok=True)
         for number, data in enumerate(outputs.sc_instances, start=1):
             path = self.sc_path(number)
             path.write_bytes(data)
             sc_paths.append(path)
-        self.sr.write_bytes(outputs.sr_instance)
+        written: dict[str, Any] = {"sc": sc_paths, "pm": None, "sr": None}
+        optional: list[tuple[str, Path, bytes | None]] = [
+            ("pm", self.pm, outputs.pm_instance), ("sr", self.sr, outputs.sr_instance)]
+        for name, path, content in optional:
+            if content is not None:
+                path.write_bytes(content)
+                written[name] = path
         self.preview.write_bytes(outputs.preview_png)
         self.write_result(outputs.to_json())
-        return {"result": self.result_json, "preview": self.preview, "sr": self.sr,
-                "sc": sc_paths}
+        return {"result": self.result_json, "preview": self.preview, **written}
 
     def write_result(self, result: dict[str, Any]) -> None:
         """(Re)write ``result.json``."""
@@ -115,7 +135,7 @@ class ResultFolder:
 
 
 def write_outputs(outputs: AnalysisOutputs, out_dir: Path | str) -> dict[str, Any]:
-    """Write ``result.json``, ``preview.png``, ``sr.dcm`` and ``sc/IM0001.dcm`` … into
+    """Write ``result.json``, ``preview.png``, ``sr.dcm``, ``pm.dcm``, ``sc/IM0001.dcm`` … into
     ``out_dir`` (created if needed); returns what was written where."""
     return ResultFolder(Path(out_dir)).write(outputs)
 

@@ -36,6 +36,7 @@ from service.pipeline.overlay import (
     Banner,
     burn_banner,
     cam_to_source,
+    colour_bar_box,
 )
 from service.runtime.scheduler import Scheduler
 from service.storage.spool import Spool
@@ -61,10 +62,19 @@ def _three_maps_engine(**options: Any) -> FakeEngine:
                       spatial_attention=attention, **options)
 
 
+def _without_legend(rgb: np.ndarray) -> np.ndarray:
+    """The overlay with its colour bar (the JET legend at the right edge, the same on every
+    image: not the map) blacked out."""
+    bar = colour_bar_box(rgb.shape[0], rgb.shape[1])
+    out = rgb.copy()
+    out[bar.top:bar.bottom, bar.left:bar.right] = 0
+    return out
+
+
 def _chroma(rgb: np.ndarray) -> np.ndarray:
-    """Colourfulness of the overlay, without the yellow notice at the bottom and the faint
-    background colour of the attention map."""
-    pixels = rgb.astype(np.int32)
+    """Colourfulness of the overlay, without the yellow notice at the bottom, the colour bar
+    and the faint background colour of the attention map."""
+    pixels = _without_legend(rgb).astype(np.int32)
     out = pixels.max(axis=2) - pixels.min(axis=2)
     out[int(0.85 * out.shape[0]):] = 0
     out[out < 8] = 0
@@ -208,7 +218,7 @@ def test_distribution_assessment_in_json_sr_sc_and_banners(
     for ds in captures[:3]:
         assert (OUTSIDE_DISTRIBUTION_BANNER in ds.ImageComments) is not inside
         assert "RESEARCH USE ONLY" in ds.ImageComments
-    pixels = captures[0].pixel_array
+    pixels = _without_legend(captures[0].pixel_array)  # the legend's JET has orange in it
     top = pixels[: pixels.shape[0] // 3]
     assert (_orange(top) > 20) is not inside, _orange(top)
     assert _orange(pixels[pixels.shape[0] // 3:]) == 0
@@ -224,7 +234,7 @@ def test_banner_lines_and_pixels_say_outside_the_training_distribution() -> None
     assert outside.alerts() == ["OUTSIDE THE TRAINING DISTRIBUTION"]
     assert outside.lines()[0] == "flaircad attention: MS"
     grey = np.full((256, 256, 3), 100, np.uint8)
-    assert _orange(burn_banner(grey, inside)) == 0
+    assert _orange(_without_legend(burn_banner(grey, inside))) == 0
     stamped = burn_banner(grey, outside)
     assert _orange(stamped[:80]) > 20
     # the research notice stays, in yellow at the bottom

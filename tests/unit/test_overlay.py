@@ -1,6 +1,9 @@
-"""Grad-CAM back on the source slices: geometry per acquisition plane, slice weights, pixels."""
+"""Grad-CAM back on the source slices: geometry per acquisition plane, slice weights, pixels,
+and the banner and colour bar of the Secondary Capture overlays."""
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -8,12 +11,17 @@ import pytest
 
 from service.core.preprocess import PreprocessingConfig, preprocess
 from service.core.volume import load_series_volume
+from service.phantoms import generate_phantom
 from service.pipeline.overlay import (
+    BANNER_MAX_ROWS,
     RESEARCH_BANNER,
     Banner,
+    BannerLayout,
+    banner_layout,
     blend,
     burn_banner,
     cam_to_source,
+    colour_bar_box,
     most_attended,
     normalise_volume,
     preview_png,
@@ -117,10 +125,12 @@ def test_window_blend_and_banner_pixels() -> None:
     assert "P(MS)=0.910" in banner.lines()[1] and "P(cSVD)=0.090" in banner.lines()[1]
     stamped = burn_banner(np.full((200, 200, 3), 128, dtype=np.uint8), banner)
     assert stamped.shape == (200, 200, 3)
-    # text at the top (white) and the research notice at the bottom (yellow)
-    assert (stamped[:30] == 255).all(axis=2).any()
+    # text at the top (white) and the research notice at the bottom (yellow), each in the
+    # tenth of the rows the strips may take (the text is small on a 200-row image: anti-aliased
+    # white, no longer pure 255 as the old full-width band's large font was)
+    assert (stamped[:20] > 180).all(axis=2).any()
     bottom = stamped[-20:]
-    assert ((bottom[..., 0] > 200) & (bottom[..., 2] < 60)).any()
+    assert ((bottom[..., 0] > 180) & (bottom[..., 2] < 60)).any()
 
 
 def test_preview_png_is_a_montage_of_the_chosen_slices() -> None:
@@ -133,3 +143,115 @@ def test_preview_png_is_a_montage_of_the_chosen_slices() -> None:
     png = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert png is not None and png.shape[1] == 3 * 64
     assert RESEARCH_BANNER.isascii()
+
+
+# --------------------------------------------------------------------------------------------
+# The Secondary Capture's banner and colour bar (issue 15: no band over the anatomy, a legend)
+# --------------------------------------------------------------------------------------------
+
+PLAIN = Banner("MS", {"MS": 0.91, "cSVD": 0.09}, "flaircad-demo", "0.3.1")
+ALERTS = Banner("cSVD", {"MS": 0.2, "cSVD": 0.8}, "flaircad-demo", "0.3.1",
+                in_distribution=False, flair_recognised=False)
+# the longest texts Banner lets through (clean_ascii's limits), one word each
+LONG = Banner("p" * 32, {"n" * 16: 0.5, "c" * 16: 0.5}, "m" * 40, "v" * 40,
+              explanation="gradcam", in_distribution=False, flair_recognised=False)
+SIZES = [(256, 256), (512, 512), (1024, 1024), (256, 320), (320, 256), (512, 384), (192, 512)]
+
+
+def _words(lines: list[str]) -> str:
+    return " ".join(" ".join(lines).replace(";", " ").split())  # ";" joins two alerts
+
+
+def _assert_lines_whole(layout: BannerLayout) -> None:
+    """Each line drawn alone on a canvas larger than the image: all its ink lies inside its
+    strip and the image, i.e. nothing of it is cut off by an edge or covered by another line."""
+    pad = 64
+    for block in layout.blocks:
+        box = block.box
+        assert 0 <= box.top < box.bottom <= layout.rows and box.right <= layout.columns
+        for line in block.lines:
+            canvas = np.zeros((layout.rows + 2 * pad, layout.columns + 2 * pad), np.uint8)
+            x, y = line.origin
+            cv2.putText(canvas, line.text, (x + pad, y + pad), cv2.FONT_HERSHEY_SIMPLEX,
+                        layout.scale, 255, 1, cv2.LINE_AA)
+            ink_rows, ink_cols = np.nonzero(canvas)
+            assert ink_rows.size, line.text
+            assert box.top <= ink_rows.min() - pad and ink_rows.max() - pad < box.bottom, (
+                line.text, box)
+            assert ink_cols.min() - pad >= 0 and ink_cols.max() - pad < box.right, (
+                line.text, box)
+
+
+@pytest.mark.parametrize(("rows", "columns"), SIZES)
+@pytest.mark.parametrize("banner", [PLAIN, ALERTS, LONG], ids=["plain", "alerts", "long"])
+def test_banner_and_colour_bar_take_a_small_part_of_any_matrix(rows: int, columns: int,
+                                                                banner: Banner) -> None:
+    """The old banner was a full-width band over the top 22-29 % of the rows (more with the
+    alerts); now the text strips take at most a tenth of the rows, the colour bar a few per cent
+    of the width, everything else stays as it was, and every line is whole."""
+    layout = banner_layout(banner, rows, columns)
+    top, bottom = layout.blocks
+    assert layout.strip_rows() <= math.floor(BANNER_MAX_ROWS * rows)
+    assert top.box.top == 0 and bottom.box.bottom == rows  # at the edges
+    _assert_lines_whole(layout)
+    # every word of the result and the alerts is drawn, in order; the notice in one piece
+    assert _words([line.text for line in top.lines]) == _words([*banner.lines(),
+                                                               *banner.alerts()])
+    assert any("RESEARCH USE ONLY" in line.text for line in bottom.lines)
+    assert _words([line.text for line in bottom.lines]) == RESEARCH_BANNER
+
+    flat = np.full((rows, columns, 3), 128, np.uint8)  # every pixel the banner touches changes
+    stamped = burn_banner(flat, banner)
+    changed = (stamped != flat).any(axis=2)
+    bar = layout.bar
+    assert bar.right - bar.left <= 0.03 * columns + 1
+    assert changed.mean() <= BANNER_MAX_ROWS + 0.02, changed.mean()
+    # between the strips, nothing changes left of the legend (the bar and its labels)
+    legend = bar.left - max(8, columns // 20)
+    assert not changed[top.box.bottom:bottom.box.top, :legend].any()
+    # the notice in yellow, the alerts in orange, in their strips
+    pixels = stamped.astype(np.int32)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    yellow = (red > 150) & (green > 150) & (blue < 70)
+    orange = (red > 150) & (red - green > 40) & (green > 40) & (blue < 70)
+    assert yellow[bottom.box.top:, :bottom.box.right].any()
+    assert bool(orange[:top.box.bottom, :top.box.right].any()) is bool(banner.alerts())
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(256, 256), (512, 384), (1024, 1024)])
+def test_colour_bar_runs_from_jet_0_at_the_bottom_to_jet_1_at_the_top(rows: int,
+                                                                      columns: int) -> None:
+    stamped = burn_banner(np.full((rows, columns, 3), 128, np.uint8), PLAIN)
+    bar = colour_bar_box(rows, columns)
+    assert bar == banner_layout(PLAIN, rows, columns).bar
+    assert bar.right <= columns and bar.left >= 0.95 * columns  # at the right edge
+    assert 0.4 * rows <= bar.bottom - bar.top <= 0.6 * rows
+    strip = stamped[bar.top:bar.bottom, bar.left:bar.right].astype(np.int32)
+    assert (strip == strip[:, :1]).all()  # one colour per row
+    # OpenCV's JET, the colour map blend() uses, as RGB, index 0..255
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)
+    jet = jet[:, 0, ::-1].astype(np.int32)
+    distance = np.abs(strip[:, 0, None, :] - jet[None]).sum(axis=2)
+    index = distance.argmin(axis=1)
+    assert (distance.min(axis=1) == 0).all()  # exactly JET colours
+    assert index[0] == 255 and index[-1] == 0  # JET(1) on top, JET(0) at the bottom
+    assert (np.diff(index) <= 0).all()  # in order
+    assert len(set(index.tolist())) >= min(200, bar.bottom - bar.top)  # the whole range
+
+
+@pytest.mark.parametrize("matrix", [256, 512])
+@pytest.mark.parametrize("banner", [PLAIN, ALERTS], ids=["plain", "alerts"])
+def test_the_anatomy_is_untouched_by_the_banner(matrix: int, banner: Banner) -> None:
+    """A phantom head at 24 cm field of view: no pixel of the head changes (the old band
+    darkened 7-8 % of the head's pixels, 24-28 % with the alerts), nor the image's middle."""
+    phantom = generate_phantom("MS", 1, slices=6, matrix=matrix, pixel_mm=240.0 / matrix)
+    grey = window(phantom.volume)[3]
+    cam = np.zeros(grey.shape, np.float32)
+    cam[matrix // 3: matrix // 2, matrix // 3: matrix // 2] = 1.0
+    image = blend(grey, cam)
+    changed = (burn_banner(image, banner) != image).any(axis=2)
+    head = grey > 30
+    assert head.mean() > 0.3
+    assert not changed[head].any(), changed[head].mean()
+    middle = slice(matrix // 10, matrix - matrix // 10)
+    assert not changed[middle, middle].any()

@@ -1,0 +1,63 @@
+"""FLAIRCAD_OUTPUTS: any subset of the DICOM outputs is produced, written and listed, and
+nothing else (a PACS that refuses a SOP class is sent only what it takes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.core.config import Settings
+from service.core.outputs import ALL_OUTPUTS, DicomOutput, parse_outputs
+from service.core.reading import iter_folder
+from service.intake.uploads import fingerprint
+from service.pipeline.analysis import analyse
+from service.storage.results import ResultFolder, write_outputs
+from tests.conftest import PhantomFactory
+from tests.integration.test_sc_sr import FakeEngine
+
+
+def test_outputs_setting_reads_lists_and_refuses_typos(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().outputs == ALL_OUTPUTS
+    monkeypatch.setenv("FLAIRCAD_OUTPUTS", " SR, pm ")
+    assert Settings().outputs == {DicomOutput.SR, DicomOutput.PM}
+    monkeypatch.setenv("FLAIRCAD_OUTPUTS", '["sc"]')
+    assert Settings().outputs == {DicomOutput.SC}
+    for wrong in ("sr,seg", "", " , "):
+        with pytest.raises(ValueError):
+            parse_outputs(wrong)
+
+
+def test_another_choice_of_outputs_is_another_upload_identity() -> None:
+    parts = ["a" * 64, "b" * 64]
+    assert fingerprint("m", "1", "hirescam", parts, ["sr"]) != \
+        fingerprint("m", "1", "hirescam", parts, ["sc", "sr"])
+    assert fingerprint("m", "1", "hirescam", parts, ["sr", "sc"]) == \
+        fingerprint("m", "1", "hirescam", parts, ["sc", "sr"])
+
+
+def test_sr_only_analysis_writes_and_lists_the_sr_alone(phantom_series: PhantomFactory,
+                                                         tmp_path: Path) -> None:
+    analysis = analyse(iter_folder(phantom_series()), FakeEngine(), outputs={DicomOutput.SR})
+    assert analysis.sc_instances == [] and analysis.sc_series_instance_uid is None
+    assert analysis.sr_instance is not None and analysis.instances() == [analysis.sr_instance]
+    report = analysis.sr_dataset()
+    # the report rests on the source images only: no SC was made to reference
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [str(s.SeriesInstanceUID) for s in evidence] == [analysis.series_instance_uid]
+    written = write_outputs(analysis, tmp_path)
+    assert written["sc"] == [] and written["pm"] is None and written["sr"].is_file()
+    assert ResultFolder(tmp_path).dicom_files() == [tmp_path / "sr.dcm"]
+    assert analysis.to_json()["outputs"]["secondary_capture_series_instance_uid"] is None
+
+
+def test_sc_only_analysis_has_no_sr(phantom_series: PhantomFactory, tmp_path: Path) -> None:
+    analysis = analyse(iter_folder(phantom_series()), FakeEngine(), outputs=["sc"])
+    assert len(analysis.sc_instances) == 24 and analysis.sr_instance is None
+    with pytest.raises(LookupError):
+        analysis.sr_dataset()
+    write_outputs(analysis, tmp_path)
+    assert [p.name for p in ResultFolder(tmp_path).dicom_files()] == \
+        [f"IM{n:04d}.dcm" for n in range(1, 25)]
+    with pytest.raises(ValueError, match="at least one"):
+        analyse(iter_folder(phantom_series()), FakeEngine(), outputs=())
