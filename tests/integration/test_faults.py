@@ -45,7 +45,8 @@ class _Analysis:
     prediction: str = "MS"
     timings_ms: dict[str, float] = field(default_factory=dict)
     sc_instances: list[bytes] = field(default_factory=lambda: [b"sc"])
-    sr_instance: bytes = b"sr"
+    pm_instance: bytes | None = None
+    sr_instance: bytes | None = b"sr"
     preview_png: bytes = b"png"
 
     def to_json(self) -> dict[str, Any]:

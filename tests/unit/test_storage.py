@@ -31,7 +31,8 @@ class _Outputs:
     """Shaped like service.pipeline.analysis.Analysis, as far as writing it goes."""
 
     sc_instances: list[bytes] = field(default_factory=lambda: [b"sc1", b"sc2"])
-    sr_instance: bytes = b"sr"
+    pm_instance: bytes | None = b"pm"
+    sr_instance: bytes | None = b"sr"
     preview_png: bytes = b"\x89PNG"
 
     def to_json(self) -> dict[str, Any]:
@@ -91,13 +92,14 @@ def test_the_result_folder_layout_is_written_and_read_in_one_place(tmp_path: Pat
     written = write_outputs(_Outputs(), tmp_path / "out")
     folder = ResultFolder(tmp_path / "out")
     assert written == {"result": folder.result_json, "preview": folder.preview, "sr": folder.sr,
-                       "sc": [folder.sc_path(1), folder.sc_path(2)]}
+                       "pm": folder.pm, "sc": [folder.sc_path(1), folder.sc_path(2)]}
     assert folder.sc_path(2) == tmp_path / "out" / "sc" / "IM0002.dcm"
     assert folder.sr == tmp_path / "out" / "sr.dcm"
+    assert folder.pm == tmp_path / "out" / "pm.dcm" and folder.pm.read_bytes() == b"pm"
     assert folder.preview.read_bytes() == b"\x89PNG"
     assert (tmp_path / "out" / "result.json").read_text() == '{\n  "prediction": "MS"\n}\n'
-    # what is sent to a PACS and served: the SC series in order, then the SR
-    assert folder.dicom_files() == [folder.sc_path(1), folder.sc_path(2), folder.sr]
+    # what is sent to a PACS and served: the SC series in order, the map, then the SR
+    assert folder.dicom_files() == [folder.sc_path(1), folder.sc_path(2), folder.pm, folder.sr]
     assert ResultFolder(tmp_path / "gone").dicom_files() == []
 
 
@@ -151,7 +153,9 @@ def test_only_storage_spells_file_names_of_the_spool_or_sql() -> None:
         if STORAGE in path.parents:
             continue
         for text in _strings(path):
-            if text in _LAYOUT_NAMES or text == "sc" or text.startswith(".staging-") or \
+            # "sc" is also the FLAIRCAD_OUTPUTS name of the SC series, which is a setting's value
+            is_sc_folder = text == "sc" and path != SERVICE / "core" / "outputs.py"
+            if text in _LAYOUT_NAMES or is_sc_folder or text.startswith(".staging-") or \
                     text.lstrip().upper().startswith(_SQL):
                 offenders.append(f"{path.relative_to(REPO)}: {text[:40]!r}")
     assert offenders == []
