@@ -17,8 +17,8 @@ A straight line of stages, each timed (milliseconds, in ``timings_ms``):
     :data:`service.core.contract.EXPLANATIONS`) per source slice and the preview montage
     (:mod:`service.pipeline.overlay`);
 ``encode``
-    the Secondary Capture series and the Comprehensive SR (:mod:`service.pipeline.sc`,
-    :mod:`service.pipeline.sr`), written to DICOM Part 10 bytes;
+    the Secondary Capture series, the Parametric Map and the SR (:mod:`service.pipeline.sc`,
+    :mod:`service.pipeline.pm`, :mod:`service.pipeline.sr`), written to DICOM Part 10 bytes;
 ``total``
     all of the above.
 
@@ -57,7 +57,7 @@ from service.core.preprocess import preprocess
 from service.core.reading import Source
 from service.core.series import Series, ingest
 from service.core.volume import SeriesVolume, SliceSource, convert
-from service.pipeline import overlay, sanitize, sc, sr
+from service.pipeline import overlay, pm, sanitize, sc, sr
 from service.pipeline.engine import EngineOutput, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ INVALID_UID = Code.INVALID_UID
 STAGES = ("decode", "volume", "preprocess", "inference", "render", "encode", "total")
 SC_SERIES_OFFSET = 1000  # SC series number = source series number + 1000
 SR_SERIES_OFFSET = 2000
+PM_SERIES_OFFSET = 3000
 _MAX_IS = 2**31 - 1
 
 AnalysisSource = Source | tuple[Source, str]
@@ -293,6 +294,22 @@ def _release_pixel_data(series: Series) -> None:
                 del instance.dataset[tag]
 
 
+def _parametric_map(cam: npt.NDArray[np.float32], series: Series, slices: Sequence[SliceSource],
+                    affine_lps: npt.NDArray[np.float64], frame_of_reference_uid: str | None,
+                    header: Dataset, *, model: sc.ModelIdentity, explanation: str,
+                    series_number: int, warnings: list[str]) -> Dataset | None:
+    """The map as a Parametric Map on the source geometry, or None (with a warning) for a
+    series that has no Frame of Reference to lay it on: the SC and SR are still made."""
+    try:
+        return pm.build_parametric_map(
+            cam, [i.dataset for i in series.instances], slices, affine_lps,
+            frame_of_reference_uid, header, model=model, explanation=explanation,
+            series_number=series_number)
+    except pm.ParametricMapUnavailable as error:
+        warnings.append(f"no Parametric Map: {error}")
+        return None
+
+
 def analyse(
     sources: Iterable[AnalysisSource],
     engine: InferenceEngine,
@@ -389,12 +406,16 @@ def analyse(
     images, preview = [rendered.overlays[k] for k in order], rendered.preview_png
     slices, affine_lps = volume.slices, volume.affine_lps
     volume_series_uid = volume.info.series_instance_uid
-    # The float32 volume and the CAM (4 bytes a voxel each) are not needed to encode: freed
-    # before the Secondary Captures copy the overlays (peak memory: see service.core.limits).
+    frame_of_reference_uid = volume.frame_of_reference_uid
+    cam = rendered.cam
+    # The float32 volume (4 bytes a voxel) is not needed to encode: freed before the
+    # Secondary Captures copy the overlays (peak memory: see service.core.limits); the CAM
+    # goes once the Parametric Map holds it.
     del rendered, prepared, volume
     clock.lap("render")
 
-    # encode: Secondary Capture series and SR, from cleaned copies of the source header
+    # encode: Secondary Capture series, Parametric Map and SR, from cleaned copies of the
+    # source header
     first = series.instances[0].dataset
     try:
         header = sanitize.reference_header(first)
@@ -407,6 +428,13 @@ def analyse(
     chosen = frozenset(outputs)
     if not chosen:
         raise ValueError("at least one DICOM output must be produced")
+    parametric_map = None
+    if DicomOutput.PM in chosen:
+        parametric_map = _parametric_map(
+            cam, series, slices, affine_lps, frame_of_reference_uid, header.dataset,
+            model=model, explanation=explanation,
+            series_number=_series_number(first, PM_SERIES_OFFSET), warnings=warnings)
+    del cam
     captures = [] if DicomOutput.SC not in chosen else sc.build_secondary_captures(
         images, sources_in_order, header.dataset,
         model=model, prediction=prediction, probabilities_text=probabilities_text,
@@ -431,6 +459,7 @@ def analyse(
         flair_recognised=flair_recognised,
     )
     sc_bytes = sc.encode_series(captures) if captures else []
+    pm_bytes = sc.encode_part10(parametric_map) if parametric_map is not None else None
     sr_bytes = sc.encode_part10(report) if report is not None else None
     clock.lap("encode")
 
@@ -455,6 +484,11 @@ def analyse(
         sr_sop_instance_uid=str(report.SOPInstanceUID) if report is not None else None,
         sc_instances=sc_bytes,
         sr_instance=sr_bytes,
+        pm_series_instance_uid=(str(parametric_map.SeriesInstanceUID)
+                                if parametric_map is not None else None),
+        pm_sop_instance_uid=(str(parametric_map.SOPInstanceUID)
+                             if parametric_map is not None else None),
+        pm_instance=pm_bytes,
         preview_png=preview,
         timings_ms=timings,
         warnings=warnings,

@@ -61,3 +61,39 @@ def test_sc_only_analysis_has_no_sr(phantom_series: PhantomFactory, tmp_path: Pa
         [f"IM{n:04d}.dcm" for n in range(1, 25)]
     with pytest.raises(ValueError, match="at least one"):
         analyse(iter_folder(phantom_series()), FakeEngine(), outputs=())
+
+
+def test_the_default_outputs_include_the_parametric_map_on_the_source_geometry(
+        phantom_series: PhantomFactory, tmp_path: Path) -> None:
+    analysis = analyse(iter_folder(phantom_series()), FakeEngine())
+    assert analysis.pm_instance is not None
+    parametric_map = analysis.pm_dataset()
+    sources = analysis.sc_datasets()  # SC i lies on source slice i (InstanceNumber order)
+    assert parametric_map.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    assert int(parametric_map.NumberOfFrames) == len(sources) == 24
+    assert parametric_map.SeriesInstanceUID == analysis.pm_series_instance_uid
+    assert parametric_map.SOPInstanceUID == analysis.pm_sop_instance_uid
+    assert parametric_map.StudyInstanceUID == analysis.study_instance_uid
+    assert int(parametric_map.SeriesNumber) % 1000 == int(sources[0].SeriesNumber) % 1000
+    assert analysis.instances() == [*analysis.sc_instances, analysis.pm_instance,
+                                    analysis.sr_instance]
+    written = write_outputs(analysis, tmp_path)
+    assert written["pm"] == tmp_path / "pm.dcm"
+    assert ResultFolder(tmp_path).dicom_files()[-2:] == [tmp_path / "pm.dcm", tmp_path / "sr.dcm"]
+    outputs = analysis.to_json()["outputs"]
+    assert outputs["parametric_map_sop_instance_uid"] == analysis.pm_sop_instance_uid
+
+
+def test_a_series_without_frame_of_reference_gets_no_map_but_its_other_outputs(
+        phantom_series: PhantomFactory) -> None:
+    from pydicom import dcmread
+
+    folder = phantom_series()
+    for path in folder.glob("*.dcm"):
+        ds = dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    analysis = analyse(iter_folder(folder), FakeEngine())
+    assert analysis.pm_instance is None and analysis.pm_sop_instance_uid is None
+    assert len(analysis.sc_instances) == 24 and analysis.sr_instance is not None
+    assert any(w.startswith("no Parametric Map:") for w in analysis.warnings)
