@@ -57,7 +57,7 @@ from service.core.preprocess import preprocess
 from service.core.reading import Source
 from service.core.series import Series, ingest
 from service.core.volume import SeriesVolume, SliceSource, convert
-from service.pipeline import overlay, pm, sanitize, sc, sr
+from service.pipeline import overlay, peak, pm, sanitize, sc, sr
 from service.pipeline.engine import EngineOutput, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -434,6 +434,9 @@ def analyse(
             cam, series, slices, affine_lps, frame_of_reference_uid, header.dataset,
             model=model, explanation=explanation,
             series_number=_series_number(first, PM_SERIES_OFFSET), warnings=warnings)
+    # the SR anchors the result at the map's maximum (None: the map is zero everywhere)
+    map_peak = peak.peak_of(cam, slices, affine_lps, {
+        s.sop_instance_uid: s.sop_class_uid for s in sources_in_order})
     del cam
     captures = [] if DicomOutput.SC not in chosen else sc.build_secondary_captures(
         images, sources_in_order, header.dataset,
@@ -457,6 +460,10 @@ def analyse(
         series_number=_series_number(first, SR_SERIES_OFFSET), explanation=explanation,
         distribution=distribution, temperature=info.calibration.temperature,
         flair_recognised=flair_recognised,
+        parametric_map=None if parametric_map is None else sr.EvidenceInstance(
+            str(parametric_map.SOPClassUID), str(parametric_map.SOPInstanceUID),
+            str(parametric_map.SeriesInstanceUID)),
+        peak=map_peak, source_headers=[i.dataset for i in series.instances],
     )
     sc_bytes = sc.encode_series(captures) if captures else []
     pm_bytes = sc.encode_part10(parametric_map) if parametric_map is not None else None

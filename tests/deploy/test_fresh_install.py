@@ -39,7 +39,7 @@ CACHE = Path(os.environ.get("FLAIRCAD_TEST_CACHE")
 # what `pip install .` reads: the metadata and the packages (pyproject.toml [tool.setuptools])
 SOURCES = ("pyproject.toml", "README.md", "service", "model_export")
 SLICES = 8
-SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 def _pip(venv: Path, *args: str, timeout: float = 900) -> None:

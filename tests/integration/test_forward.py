@@ -30,7 +30,8 @@ from tests.conftest import PhantomFactory
 
 SLICES = 12
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 
 
 def _files(folder: Path) -> list[Path]:
@@ -99,7 +100,7 @@ class StoreReceiver:
         from pynetdicom import AE, evt
 
         ae = AE(ae_title="RECEIVER")
-        for sop_class in (SC_STORAGE, COMPREHENSIVE_SR):
+        for sop_class in (SC_STORAGE, PARAMETRIC_MAP_STORAGE, COMPREHENSIVE_SR):
             ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
 
         def on_store(event: Any) -> int:
@@ -185,17 +186,18 @@ def test_pending_sends_retry_with_backoff_and_resume_after_a_restart(
 
         delivery = wait_until(sent, 30, "the resumed send")
         assert delivery["attempts"] == attempts_before + 1
-        assert delivery["instances"] == SLICES + 1
+        assert delivery["instances"] == SLICES + 2  # the SC series, the map and the SR
         assert delivery["last_error"] is None
         (request,) = receiver.requests
         assert request["path"] == "/dicom-web/studies"
         assert request["headers"]["Authorization"] == "Bearer pacs-token"
         sop_classes = [str(ds.SOPClassUID) for ds in request["datasets"]]
-        assert sop_classes == [SC_STORAGE] * SLICES + [COMPREHENSIVE_SR]
+        assert sop_classes == [SC_STORAGE] * SLICES + [PARAMETRIC_MAP_STORAGE, COMPREHENSIVE_SR]
         uids = {str(ds.SOPInstanceUID) for ds in request["datasets"]}
         assert analysis["outputs"]["sr_sop_instance_uid"] in uids
         assert {str(ds.SeriesInstanceUID) for ds in request["datasets"]} == {
             analysis["outputs"]["secondary_capture_series_instance_uid"],
+            analysis["outputs"]["parametric_map_series_instance_uid"],
             analysis["outputs"]["sr_series_instance_uid"]}
     # the restart did not analyse the series again
     assert [a["analysis_id"] for a in second.analyses(analysis["study_instance_uid"])] == [
@@ -239,10 +241,10 @@ def test_c_store_delivery_and_failures_that_give_up(
 
         deliveries = wait_until(settled, 45, "every delivery to settle")
     assert deliveries["archive"]["attempts"] == 1
-    assert deliveries["archive"]["instances"] == SLICES + 1
+    assert deliveries["archive"]["instances"] == SLICES + 2  # SCs, map, SR
     assert {calling for calling, _ in store_receiver.received} == {"FLAIRCAD-TEST"}
     assert sorted(str(ds.SOPClassUID) for _, ds in store_receiver.received) == sorted(
-        [SC_STORAGE] * SLICES + [COMPREHENSIVE_SR])
+        [SC_STORAGE] * SLICES + [PARAMETRIC_MAP_STORAGE, COMPREHENSIVE_SR])
     assert deliveries["nobody"]["attempts"] == 2
     assert "association" in deliveries["nobody"]["last_error"]
     assert deliveries["refuses"]["attempts"] == 2
@@ -261,7 +263,7 @@ def test_c_store_delivery_and_failures_that_give_up(
 def test_results_routed_back_by_mistake_stop_after_one_bounce(
         tmp_path: Path, phantom_series: PhantomFactory, started: list[Flaircad]) -> None:
     """A PACS that (wrongly) routes flaircad's results back: the SR is refused, the SC series
-    is rejected (not_mr), and nothing new is sent."""
+    and the Parametric Map are rejected (not_mr), and nothing new is sent."""
     with StowReceiver() as receiver:
         destination = Destination(name="pacs-loop", kind="stow", url=receiver.url)
         settings = flaircad_settings(tmp_path / "spool", destinations=[destination],
@@ -287,12 +289,16 @@ def test_results_routed_back_by_mistake_stop_after_one_bounce(
         assert refused["00081197"]["Value"] == [0x0122]
 
         study = analysis["study_instance_uid"]
-        analyses = wait_until(lambda: len(server.analyses(study)) == 2
+        # the SC series and the Parametric Map (Modality OT both) come back as two series
+        analyses = wait_until(lambda: len(server.analyses(study)) == 3
                               and server.wait_for_study(study), 60, "the bounced series")
         bounced = [a for a in analyses if a["analysis_id"] != analysis["analysis_id"]]
-        assert bounced[0]["status"] == "rejected"
-        assert bounced[0]["problem"]["code"] == "not_mr"
-        assert server.analysis(bounced[0]["analysis_id"]).get("deliveries") is None
+        assert sorted(a["series_instance_uid"] for a in bounced) == sorted([
+            analysis["outputs"]["secondary_capture_series_instance_uid"],
+            analysis["outputs"]["parametric_map_series_instance_uid"]])
+        for again in bounced:
+            assert again["status"] == "rejected" and again["problem"]["code"] == "not_mr"
+            assert server.analysis(again["analysis_id"]).get("deliveries") is None
         time.sleep(1.0)
         assert len(receiver.requests) == 1  # nothing else was sent
 

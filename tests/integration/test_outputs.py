@@ -85,14 +85,15 @@ def test_the_default_outputs_include_the_parametric_map_on_the_source_geometry(
 
 
 def test_a_series_without_frame_of_reference_gets_no_map_but_its_other_outputs(
-        phantom_series: PhantomFactory) -> None:
+        phantom_series: PhantomFactory, tmp_path: Path) -> None:
     from pydicom import dcmread
 
-    folder = phantom_series()
-    for path in folder.glob("*.dcm"):
+    folder = tmp_path / "no-frame-of-reference"  # a copy: the phantom folder is shared
+    folder.mkdir()
+    for path in sorted(phantom_series().glob("*.dcm")):
         ds = dcmread(path)
         del ds.FrameOfReferenceUID
-        ds.save_as(path)
+        ds.save_as(folder / path.name)
     analysis = analyse(iter_folder(folder), FakeEngine())
     assert analysis.pm_instance is None and analysis.pm_sop_instance_uid is None
     assert len(analysis.sc_instances) == 24 and analysis.sr_instance is not None

@@ -153,10 +153,11 @@ def test_3_results_back_in_orthanc_without_loop(
     folder, analysis = autorouted
     study = _study(folder)
     outputs = analysis["outputs"]
-    sc_series, sr_series = (outputs["secondary_capture_series_instance_uid"],
-                            outputs["sr_series_instance_uid"])
+    sc_series, pm_series, sr_series = (outputs["secondary_capture_series_instance_uid"],
+                                       outputs["parametric_map_series_instance_uid"],
+                                       outputs["sr_series_instance_uid"])
 
-    # flaircad sends SC + SR to both destinations and says so
+    # flaircad sends SC + PM + SR to both destinations and says so
     def delivered() -> list[dict[str, Any]] | None:
         deliveries = flaircad.analysis(analysis["analysis_id"]).get("deliveries") or []
         states = {d["destination"]: d["state"] for d in deliveries}
@@ -164,18 +165,19 @@ def test_3_results_back_in_orthanc_without_loop(
                                         "orthanc-cstore": "sent"} else None
 
     deliveries = wait_until(delivered, 60, "both deliveries sent")
-    assert all(d["instances"] == SLICES + 1 and d["last_error"] is None for d in deliveries)
+    assert all(d["instances"] == SLICES + 2 and d["last_error"] is None for d in deliveries)
 
-    # Orthanc's study now holds the source, the Grad-CAM SC series and the SR
+    # Orthanc's study now holds the source, the SC series, the Parametric Map and the SR
     series = orthanc_pacs.study_series(study)
-    assert set(series) == {_series(folder), sc_series, sr_series}
+    assert set(series) == {_series(folder), sc_series, pm_series, sr_series}
     assert len(series[sc_series]["Instances"]) == SLICES
-    assert len(series[sr_series]["Instances"]) == 1
+    assert len(series[pm_series]["Instances"]) == len(series[sr_series]["Instances"]) == 1
     assert series[sc_series]["MainDicomTags"].get("Manufacturer") == "flaircad"
+    assert series[pm_series]["MainDicomTags"].get("Manufacturer") == "flaircad"
 
     # No loop: the results became stable in Orthanc (StableAge 1 s), its script skipped them,
     # and flaircad never received them: one analysis, one series in its spool for the study.
-    wait_until(lambda: orthanc_pacs.log().count("flaircad autoroute: skipping series") >= 2,
+    wait_until(lambda: orthanc_pacs.log().count("flaircad autoroute: skipping series") >= 3,
                30, "Orthanc's script to see the result series become stable")
     time.sleep(flaircad.settings.stability_window_s + 1.5)
     assert len(flaircad.analyses(study)) == 1

@@ -246,12 +246,15 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
     raw = _read_strictly(analysis.sr_instance)
     assert raw.SOPInstanceUID == analysis.sr_sop_instance_uid
     assert "RESEARCH" in raw.SeriesDescription
-    report = highdicom.sr.ComprehensiveSR.from_dataset(raw)
+    report = highdicom.sr.Comprehensive3DSR.from_dataset(raw)
     sources = _sources(folder)
     evidence = {uid for _, _, uid, _ in report.get_evidence()}
-    assert evidence == set(sources) | set(analysis.sc_sop_instance_uids)
+    assert raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert evidence == (set(sources) | set(analysis.sc_sop_instance_uids)
+                        | {analysis.pm_sop_instance_uid})
     assert {series for _, series in report.get_evidence_series()} == {
-        next(iter(sources.values())).SeriesInstanceUID, analysis.sc_series_instance_uid}
+        next(iter(sources.values())).SeriesInstanceUID, analysis.sc_series_instance_uid,
+        analysis.pm_series_instance_uid}
     assert raw.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
     assert {item.CodingSchemeDesignator for item in raw.CodingSchemeIdentificationSequence} \
         == {"99FLAIRCAD"}
@@ -279,7 +282,7 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
     assert "RESEARCH USE ONLY" in group.tracking_identifier
 
     ms = analyse(iter_folder(folder), FakeEngine(probabilities=(0.9, 0.1)))
-    ms_report = highdicom.sr.ComprehensiveSR.from_dataset(ms.sr_dataset())
+    ms_report = highdicom.sr.Comprehensive3DSR.from_dataset(ms.sr_dataset())
     (ms_group,) = highdicom.sr.MeasurementReport.from_sequence(
         ms_report.content).get_image_measurement_groups()
     ms_evaluation, *_ = ms_group.get_qualitative_evaluations()
@@ -294,6 +297,8 @@ def test_structured_report_content(phantom_series: PhantomFactory) -> None:
 EXPECTED_WARNINGS = (
     # the private coding scheme of the SR (declared in its Coding Scheme Identification)
     "Warning - Unrecognized defined term <99FLAIRCAD>",
+    # the Parametric Map's Derived Pixel Contrast QUANTITY (tests/integration/test_pm_dciodvfy.py)
+    "Warning - Unrecognized defined term <QUANTITY> for value 4",
 )
 
 
@@ -304,12 +309,55 @@ def test_outputs_pass_dciodvfy(phantom_series: PhantomFactory, engine: Engine, t
     require(shutil.which("dciodvfy"), "dciodvfy is not on PATH (apt-get install dicom3tools)")
     analysis = analyse(iter_folder(phantom_series(variant=variant, compress=compress)), engine)
     written = write_outputs(analysis, tmp_path)
-    errors, seen = dciodvfy([*written["sc"], written["sr"]])
+    assert written["pm"] is not None and written["sr"] is not None
+    errors, seen = dciodvfy([*written["sc"], written["pm"], written["sr"]])
     assert errors == []
     unexpected = {w for w in seen if not w.startswith(EXPECTED_WARNINGS)}
     assert unexpected == set()
     for data in analysis.instances():
         _read_strictly(data)
+
+
+def _items(ds: Dataset) -> Iterator[Dataset]:
+    for item in getattr(ds, "ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _tracking_uids(group: Dataset) -> set[str]:
+    return {str(i.UID) for i in _items(group) if i.ValueType == "UIDREF"
+            and i.ConceptNameCodeSequence[0].CodeValue == "112040"}
+
+
+def test_the_sr_anchors_the_result_at_the_map_peak_for_ohif(phantom_series: PhantomFactory,
+                                                             engine: Engine,
+                                                             tmp_path: Path) -> None:
+    analysis = analyse(iter_folder(phantom_series()), engine)  # a map that is not all zero
+    report = analysis.sr_dataset()
+    assert str(report.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    groups = [i for i in _items(report) if i.ValueType == "CONTAINER"
+              and i.ConceptNameCodeSequence[0].CodeValue == "125007"]  # Measurement Group
+    # OHIF merges groups by Tracking UID and draws a merged group that has a SCOORD: one UID
+    assert len(groups) >= 2 and len({frozenset(_tracking_uids(g)) for g in groups}) == 1
+    circles = [i for i in _items(report) if i.ValueType == "SCOORD"]
+    points = [i for i in _items(report) if i.ValueType == "SCOORD3D"]
+    assert [str(c.GraphicType) for c in circles] == ["CIRCLE"] and len(points) == 1
+    (image,) = circles[0].ContentSequence
+    sources = {str(ds.SOPInstanceUID) for ds in (pydicom.dcmread(p) for p in
+                                                 sorted(phantom_series().glob("*.dcm")))}
+    assert str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) in sources
+    source_frame = pydicom.dcmread(sorted(phantom_series().glob("*.dcm"))[0])
+    assert str(points[0].ReferencedFrameOfReferenceUID) == str(source_frame.FrameOfReferenceUID)
+    # the measurement at the peak cites the Parametric Map as its source
+    cited = {str(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for r in _items(report)
+             if r.ValueType == "IMAGE"}
+    assert analysis.pm_sop_instance_uid in cited
+    # without a Parametric Map the SR is still valid
+    sr_only = analyse(iter_folder(phantom_series()), engine, outputs=["sr"])
+    written = write_outputs(sr_only, tmp_path)
+    assert written["sr"] is not None
+    errors, _ = dciodvfy([written["sr"]])
+    assert errors == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tests.conftest import PhantomFactory
 
 SLICES = 12
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def _algorithm_parameters(analysis: Analysis) -> set[str]:
 
 
 def _evaluations(analysis: Analysis) -> dict[str, Any]:
-    report = highdicom.sr.ComprehensiveSR.from_dataset(analysis.sr_dataset())
+    report = highdicom.sr.Comprehensive3DSR.from_dataset(analysis.sr_dataset())
     (group,) = highdicom.sr.MeasurementReport.from_sequence(
         report.content).get_image_measurement_groups()
     return {e.name.meaning: e.value for e in group.get_qualitative_evaluations()}
@@ -204,7 +204,7 @@ def test_distribution_assessment_in_json_sr_sc_and_banners(
     assert value.scheme_designator == "99FLAIRCAD"
     assert value.meaning == ("Within" if inside else "Outside") + " training distribution"
     assert value.value == ("INDIST" if inside else "OUTDIST")
-    report = highdicom.sr.ComprehensiveSR.from_dataset(analysis.sr_dataset())
+    report = highdicom.sr.Comprehensive3DSR.from_dataset(analysis.sr_dataset())
     (group,) = highdicom.sr.MeasurementReport.from_sequence(
         report.content).get_image_measurement_groups()
     measured = {m.name.meaning: m.value for m in group.get_measurements()}
