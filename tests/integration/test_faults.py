@@ -231,7 +231,8 @@ def test_a_result_done_but_never_planned_is_delivered_after_the_restart(
             deliveries.close()
     (request,) = receiver.requests
     uids = {str(ds.SOPInstanceUID) for ds in request["datasets"]}
-    assert analysis["outputs"]["sr_sop_instance_uid"] in uids and len(uids) == SLICES + 2  # SCs, map, SR
+    # the SC series, the map and the SR
+    assert analysis["outputs"]["sr_sop_instance_uid"] in uids and len(uids) == SLICES + 2
 
 
 def test_reconciling_plans_each_missing_delivery_once(tmp_path: Path) -> None:
