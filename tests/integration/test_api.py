@@ -246,11 +246,14 @@ def test_sync_analysis_returns_result_and_dicom_outputs(
     assert media.essence == "multipart/related" and media.params["type"] == "application/dicom"
     datasets = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(part.body))
                 for part in parse_multipart(fetched.content, media.params["boundary"])]
-    sc = [ds for ds in datasets if ds.Modality != "SR"]
+    sc = [ds for ds in datasets if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+    pm = [ds for ds in datasets if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
     sr = [ds for ds in datasets if ds.Modality == "SR"]
-    assert len(sc) == len(files) and len(sr) == 1
+    assert len(sc) == len(files) and len(pm) == len(sr) == 1
+    assert len(datasets) == len(files) + 2  # the SC series, the Parametric Map, the SR
     assert {ds.SeriesInstanceUID for ds in sc} == {
         outputs["secondary_capture_series_instance_uid"]}
+    assert pm[0].SOPInstanceUID == outputs["parametric_map_sop_instance_uid"]
     assert sr[0].SOPInstanceUID == outputs["sr_sop_instance_uid"]
     assert {ds.StudyInstanceUID for ds in datasets} == {result["study_instance_uid"]}
 
