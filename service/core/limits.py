@@ -47,16 +47,19 @@ TOO_MANY_INSTANCES = Code.TOO_MANY_INSTANCES
 # (4), the CAM on the source grid (4), the 8-bit window (1) and the RGB overlays (3) while
 # rendering. The constants round that up by ~15 %, so that the estimate is not optimistic
 # (tests/integration/test_memory_limits.py measures it); the base covers the model run and
-# the outputs' fixed costs (a 24 × 256² series grows RSS by ~41 MiB).
-ANALYSIS_BYTES_PER_VOXEL = 16
+# the outputs' fixed costs (a 24 × 256² series grows RSS by ~41 MiB). The Parametric Map
+# (issue 15) added ~4.5 bytes a voxel: the CAM kept while highdicom builds the float pixel
+# data and Part 10 encodes it (40 × 1024²: +766 MiB, 17.5 bytes a voxel above the base), so
+# the constant went from 16 to 20.
+ANALYSIS_BYTES_PER_VOXEL = 20
 ANALYSIS_BASE_BYTES = 64 * 1024**2
 # FLAIRCAD_ANALYSIS_MEMORY_BYTES, the default: sized for the shipped pod (k8s/base, 4 GiB
 # memory limit, FLAIRCAD_WORKERS=1, FLAIRCAD_HTTP_WORKERS=1): 4096 MiB − ~400 MiB the
 # process holds before any analysis (the server measured 376 MiB with the model loaded) −
 # ~1.1 GiB headroom (uploads and STOW bodies being parsed, WADO responses, allocator
 # fragmentation) = 2.5 GiB for the analyses of the pod, shared by workers × http_workers. One
-# analysis of 2.5 GiB admits (2560 − 64) MiB / 16 ≈ 163 M voxels: 2048² × 39 slices, 1024² ×
-# 156, 512² × 624 (16-bit: ~312 MiB decoded).
+# analysis of 2.5 GiB admits (2560 − 64) MiB / 20 ≈ 131 M voxels: 2048² × 31 slices, 1024² ×
+# 124, 512² × 499 (16-bit: ~250 MiB decoded).
 DEFAULT_ANALYSIS_MEMORY_BYTES = 2560 * 1024**2
 
 

@@ -38,8 +38,11 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (work / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     outputs = sorted(work.glob("output-*.dcm"))
-    modalities = [pydicom.dcmread(path).Modality for path in outputs]
-    assert modalities.count("SR") == 1 and modalities.count("OT") == 24, modalities
+    classes = [str(pydicom.dcmread(path).SOPClassUID) for path in outputs]
+    # 24 Secondary Captures, the Parametric Map, the SR
+    assert classes.count("1.2.840.10008.5.1.4.1.1.7") == 24, classes
+    assert classes.count("1.2.840.10008.5.1.4.1.1.30") == 1, classes
+    assert classes.count("1.2.840.10008.5.1.4.1.1.88.34") == 1 and len(classes) == 26, classes
     assert f"{len(outputs)} DICOM files" in result.stdout
 
 
