@@ -128,7 +128,8 @@ def test_a_store_key_gets_its_own_answer_but_reads_nothing(
     assert httpx.get(live.url + f"/v1/analyses/{analysis}",
                      headers=_bearer(VIEWER)).json()["status"] == "done"
     series = httpx.get(live.url + f"/dicomweb/studies/{study}/series", headers=_bearer(VIEWER))
-    assert series.status_code == 200 and len(series.json()) == 2  # the SC series and the SR
+    # the SC series, the Parametric Map and the SR
+    assert series.status_code == 200 and len(series.json()) == 3
     # ... and a viewer sends nothing
     _assert_insufficient(httpx.post(live.url + "/dicomweb/studies", timeout=60,
                                     **_stow(files, VIEWER)), "store")

@@ -88,8 +88,10 @@ def test_metadata_and_series_search(done: tuple[Flaircad, dict[str, Any]], clien
 
     series = {item["0020000E"]["Value"][0]: item
               for item in client.search_for_series(study_instance_uid=study)}
-    assert set(series) == {sc_series, sr_series}
+    pm_series = analysis["outputs"]["parametric_map_series_instance_uid"]
+    assert set(series) == {sc_series, pm_series, sr_series}
     assert series[sc_series]["00201209"]["Value"] == [SLICES]
+    assert series[pm_series]["00201209"]["Value"] == [1]
     assert series[sr_series]["00080060"]["Value"] == ["SR"]
 
 
