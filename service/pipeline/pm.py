@@ -6,8 +6,9 @@ One multi-frame Parametric Map instance per result: the map of the chosen explan
 
 * the source's Frame of Reference, one frame per source slice (a frame of a multi-frame
   source counts as a slice), each frame's Plane Position / Plane Orientation / Pixel Measures
-  those of its source slice, frames in order along the slice normal (highdicom's 3D dimension
-  organisation);
+  those of its source slice, frames in ascending position along the slice normal (row x
+  column cosines) whatever order the volume has, since OHIF lays frame k on slice k of its
+  sorted source volume (highdicom's 3D dimension organisation);
 * per frame a Derivation Image Sequence referencing the source image (and frame) it lies on,
   Spatial Locations Preserved YES; all source instances in the Common Instance Reference;
 * a Real World Value Mapping that says which map it is: LUT Label ``HIRESCAM`` /
@@ -280,7 +281,8 @@ def build_parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[real_world_value_mapping(explanation)],
         voi_lut_transformations=[highdicom.VOILUTTransformation(
-            window_center=0.5, window_width=1.0, window_explanation="FULL RANGE 0-1")],
+            window_center=[0.5], window_width=[1.0],
+            window_explanation=["FULL RANGE 0-1"])],
         content_label=CONTENT_LABEL,
         content_description=clean_text(
             f"{SOFTWARE} {label} map - {RESEARCH_STATEMENT}", 64),
@@ -292,9 +294,40 @@ def build_parametric_map(
         specific_character_set=header.SpecificCharacterSet,
     )
     _complete(pm, header, explanation, model)
+    _frames_along_normal(pm)
     if palette:
         _add_palette(pm)
     return pm
+
+
+def _frames_along_normal(pm: ParametricMap) -> None:
+    """Reorder the frames in ascending position along the slice normal (row x column
+    cosines), in place. highdicom sorts them the other way (its volume index convention);
+    OHIF 3.13 lays frame k of a Parametric Map on slice k of its source volume, which it
+    sorts along this normal, and does not read the per-frame references, so highdicom's order
+    draws the map mirrored through the stack. Each frame keeps its functional groups (and so
+    its position and source reference); the Dimension Index Values count 1..N in the new
+    order, as highdicom numbers them in its own. Only the order of frames changes:
+    ``tests/unit/test_pm.py`` compares every frame with highdicom's."""
+    orientation = np.asarray(
+        pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+        .ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    items = list(pm.PerFrameFunctionalGroupsSequence)
+    along = [float(np.dot(normal, np.asarray(item.PlanePositionSequence[0]
+                                             .ImagePositionPatient, dtype=np.float64)))
+             for item in items]
+    order = np.argsort(along, kind="stable")
+    if np.array_equal(order, np.arange(len(items))):
+        return
+    data = memoryview(pm.FloatPixelData)
+    size = len(data) // len(items)
+    # joined from views of highdicom's bytes: one more copy of the map, briefly
+    pm.FloatPixelData = b"".join(data[i * size:(i + 1) * size] for i in order)
+    data.release()
+    pm.PerFrameFunctionalGroupsSequence = [items[i] for i in order]
+    for index, item in enumerate(pm.PerFrameFunctionalGroupsSequence, start=1):
+        item.FrameContentSequence[0].DimensionIndexValues = index
 
 
 def _complete(pm: ParametricMap, header: Dataset, explanation: str,

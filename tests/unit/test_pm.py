@@ -3,6 +3,7 @@ values, labels and the palette option, read back through pydicom and highdicom."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tracemalloc
 from dataclasses import dataclass
@@ -106,6 +107,31 @@ def assert_on_source_geometry(data: Inputs, back: highdicom.pm.ParametricMap) ->
         assert derivation.SpatialLocationsPreserved == "YES"
         assert np.array_equal(frames[i], data.cam[k])
     assert seen == set(range(len(slices)))
+    # OHIF lays frame k on slice k of its source volume, sorted along the normal
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = [float(np.dot(normal, [float(v) for v in
+                                   item.PlanePositionSequence[0].ImagePositionPatient]))
+             for item in back.PerFrameFunctionalGroupsSequence]
+    assert np.all(np.diff(along) > 0), along
+
+
+def reversed_volume(data: Inputs) -> Inputs:
+    """The same series with the volume's slice axis flipped (and its map with it)."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, len(data.volume.slices) - 1
+    volume = dataclasses.replace(
+        data.volume, array=data.volume.array[::-1], affine_lps=data.volume.affine_lps @ flip,
+        slices=data.volume.slices[::-1])
+    return dataclasses.replace(data, volume=volume, cam=data.cam[::-1])
+
+
+def test_frames_ascend_along_the_normal_whichever_way_the_volume_runs(
+        phantom_series: PhantomFactory) -> None:
+    data = inputs(phantom_series())
+    flipped = reversed_volume(data)
+    assert np.allclose(data.volume.affine_lps[:3, 0], -flipped.volume.affine_lps[:3, 0])
+    for case in (data, flipped):
+        assert_on_source_geometry(case, read_back(build(case)))
 
 
 @pytest.mark.parametrize(("variant", "slices"), [("axial", None), ("sagittal", 16),
@@ -146,6 +172,9 @@ def test_labels_say_which_map_and_research_use(phantom_series: PhantomFactory,
     assert back.ManufacturerModelName == MODEL.name
     assert back.PixelPresentation == "MONOCHROME"
     assert back.BodyPartExamined == "BRAIN"
+    voi = back.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert (voi.WindowCenter, voi.WindowWidth) == (0.5, 1.0)
+    assert voi.WindowCenterWidthExplanation == "FULL RANGE 0-1"
 
 
 def test_patient_and_study_come_from_the_cleaned_header(phantom_series: PhantomFactory) -> None:
