@@ -308,7 +308,9 @@ def _frames_along_normal(pm: ParametricMap) -> None:
     draws the map mirrored through the stack. Each frame keeps its functional groups (and so
     its position and source reference); the Dimension Index Values count 1..N in the new
     order, as highdicom numbers them in its own. Only the order of frames changes:
-    ``tests/unit/test_pm.py`` compares every frame with highdicom's."""
+    ``tests/unit/test_pm.py`` reads the map back and compares every frame with the map slice
+    its source reference names. highdicom's in-memory frame index of ``pm`` is left stale;
+    callers only encode it."""
     orientation = np.asarray(
         pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
         .ImageOrientationPatient, dtype=np.float64)
